@@ -1,0 +1,44 @@
+"""deskpush's sans-I/O core: the wire frames and the notification engine.
+
+Nothing here does I/O or reads a clock; the server passes ``now`` in.
+"""
+
+from .engine import (
+    ACCEPTED,
+    AGENT_DISCONNECTED,
+    AUTO_ACCEPTED,
+    CANCELLED,
+    DECLINED,
+    DISPLAY_TIMEOUT,
+    QUEUE_LIMIT,
+    QUEUE_TIME_LIMIT,
+    Effect,
+    Ended,
+    Engine,
+    Limits,
+    Outcome,
+    Send,
+    State,
+)
+from .templates import BUILTIN_TEMPLATES, FieldTemplate, Template
+
+__all__ = [
+    "ACCEPTED",
+    "AGENT_DISCONNECTED",
+    "AUTO_ACCEPTED",
+    "BUILTIN_TEMPLATES",
+    "CANCELLED",
+    "DECLINED",
+    "DISPLAY_TIMEOUT",
+    "QUEUE_LIMIT",
+    "QUEUE_TIME_LIMIT",
+    "Effect",
+    "Ended",
+    "Engine",
+    "FieldTemplate",
+    "Limits",
+    "Outcome",
+    "Send",
+    "State",
+    "Template",
+]

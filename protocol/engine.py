@@ -1,0 +1,598 @@
+"""The notification lifecycle: a pure, synchronous state machine.
+
+Theory of operation
+-------------------
+The engine knows agents, their sessions, integrator connections and
+notifications. It does no I/O and reads no clock: every call takes ``now``
+(epoch milliseconds, supplied by the caller) and returns a list of *effects*:
+``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
+logging and metrics). Connections are opaque hashable handles chosen by the
+caller. ``next_deadline()`` says when ``handle_timer(now)`` must next be called.
+
+A notification moves through::
+
+    QUEUED ──display──> DISPLAYED ──> ENDED
+       └──────────────────────────────> ENDED
+
+and every transition into ENDED goes through ``_end()``, the one place an
+outcome is decided; an ended notification never changes again, so each one has
+exactly one outcome and its integrator gets exactly one ``result``. What can
+end a notification:
+
+=============================  ======================================  ================
+event                          from                                    outcome
+=============================  ======================================  ================
+notifyEvent, queue full        (new)                                   Reject/NotificationQueueLimitExceeded
+queue deadline                 QUEUED                                  Reject/NotificationQueueTimeLimitExceeded
+displayed, template autoAccept DISPLAYED                               Accept/AutoAccept
+respond Accept                 DISPLAYED                               Accept/Accept
+respond Reject                 DISPLAYED                               Reject/DeclinedByAgent
+display deadline               DISPLAYED                               Timeout/DisplayTimeout
+cancelEvent                    QUEUED, DISPLAYED                       Cancel/CancelledByIntegrator
+presence grace expires         QUEUED, DISPLAYED                       Reject/AgentDisconnected
+=============================  ======================================  ================
+
+Per agent at most ``display_limit`` notifications are displayed; the rest wait
+in a FIFO queue of at most ``queue_limit``. When a displayed one ends, the head
+of the queue is displayed. Every session of the agent is shown every displayed
+notification (a session that connects later gets them replayed in ``welcome``
+order), so ``resolved`` goes to every current session when a displayed
+notification ends.
+
+When an agent's last session drops, its timers keep running; a session that
+returns within ``presence_grace`` gets the displayed notifications replayed. If
+none returns, every pending notification ends with Reject/AgentDisconnected and
+the agent is forgotten. An integrator that disconnects does not cancel its
+notifications: their outcomes are kept (bounded) in ``unclaimed(key)``.
+
+Ended notifications are remembered (bounded by ``recent_outcomes``) so a late
+respond or cancelEvent still gets a definite answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
+from msgspec import Meta
+
+from . import frames as f
+from .templates import Template, render_fields, render_text
+
+__all__ = [
+    "Engine",
+    "Limits",
+    "Outcome",
+    "Send",
+    "Ended",
+    "Effect",
+    "State",
+    "ACCEPTED",
+    "AUTO_ACCEPTED",
+    "DECLINED",
+    "QUEUE_LIMIT",
+    "QUEUE_TIME_LIMIT",
+    "DISPLAY_TIMEOUT",
+    "CANCELLED",
+    "AGENT_DISCONNECTED",
+]
+
+Conn = Hashable
+
+
+class Outcome(NamedTuple):
+    action_name: str
+    response_reason: str
+
+
+ACCEPTED = Outcome("Accept", "Accept")
+AUTO_ACCEPTED = Outcome("Accept", "AutoAccept")
+DECLINED = Outcome("Reject", "DeclinedByAgent")
+QUEUE_LIMIT = Outcome("Reject", "NotificationQueueLimitExceeded")
+QUEUE_TIME_LIMIT = Outcome("Reject", "NotificationQueueTimeLimitExceeded")
+DISPLAY_TIMEOUT = Outcome("Timeout", "DisplayTimeout")
+CANCELLED = Outcome("Cancel", "CancelledByIntegrator")
+AGENT_DISCONNECTED = Outcome("Reject", "AgentDisconnected")
+
+
+class Send(NamedTuple):
+    """Send ``frame`` to each connection in ``targets``."""
+
+    targets: tuple[Conn, ...]
+    frame: Any
+
+
+class Ended(NamedTuple):
+    """A notification reached its one outcome."""
+
+    notification_id: str
+    agent_id: str
+    integrator: str
+    correlation_id: str | None
+    outcome: Outcome
+    delivered: bool
+
+
+Effect = Send | Ended
+
+
+class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-agent limits; times in seconds."""
+
+    display_limit: Annotated[int, Meta(ge=1, le=1000)] = 1
+    queue_limit: Annotated[int, Meta(ge=0, le=100_000)] = 10
+    queue_timeout: Annotated[float, Meta(gt=0)] = 120.0
+    presence_grace: Annotated[float, Meta(ge=0)] = 30.0
+    recent_outcomes: Annotated[int, Meta(ge=0)] = 100_000
+    unclaimed_outcomes: Annotated[int, Meta(ge=0)] = 1000
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    DISPLAYED = "displayed"
+    ENDED = "ended"
+
+
+@dataclass(slots=True, eq=False)
+class _Notification:
+    id: str
+    agent: _Agent
+    key: str
+    owner: Conn | None
+    request_id: str
+    token: str
+    correlation_id: str | None
+    progress: bool
+    template: Template
+    title: str
+    fields: tuple[f.Field, ...]
+    state: State = State.QUEUED
+    deadline: float = 0.0
+    frame: f.Notification | None = None
+    outcome: Outcome | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Agent:
+    id: str
+    sessions: dict[Conn, str] = field(default_factory=dict)
+    displayed: list[_Notification] = field(default_factory=list)
+    queue: deque[_Notification] = field(default_factory=deque)
+    grace_deadline: float | None = None
+    queued_sent: int = 0
+    draining: bool = False
+
+
+# Timer kinds in the deadline heap.
+_QUEUE, _DISPLAY, _GRACE = 0, 1, 2
+
+
+def _notify_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+    return f.IntegratorError(
+        request_id=request_id,
+        error=f.ErrorBody(message=message, msdyn_name="NotifyEvent", details=details),
+    )
+
+
+def _cancel_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+    return f.IntegratorError(
+        request_id=request_id,
+        error=f.ErrorBody(message=message, msdyn_name="CancelEvent", details=details),
+    )
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Engine:
+    """The notification lifecycle for one server. See the module docstring."""
+
+    def __init__(
+        self,
+        templates: Mapping[str, Template],
+        limits: Limits = Limits(),
+        *,
+        new_id: Callable[[], str] = _new_id,
+    ) -> None:
+        self.templates = dict(templates)
+        self.limits = limits
+        self._new_id = new_id
+        self._agents: dict[str, _Agent] = {}
+        self._sessions: dict[Conn, _Agent] = {}
+        self._integrators: dict[Conn, str] = {}
+        self._owned: dict[Conn, set[_Notification]] = {}
+        self._live: dict[str, _Notification] = {}
+        self._tokens: dict[tuple[str, str], _Notification] = {}
+        self._recent: OrderedDict[str, _Notification] = OrderedDict()
+        self._recent_tokens: dict[tuple[str, str], _Notification] = {}
+        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._effects: list[Effect] = []
+        self.outcomes = 0
+
+    # ------------------------------------------------------------------
+    # Queries
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must next run (epoch ms), or None."""
+        heap = self._heap
+        while heap:
+            when, _, kind, ref = heap[0]
+            if self._timer_valid(when, kind, ref):
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def is_agent_present(self, agent_id: str) -> bool:
+        return agent_id in self._agents
+
+    def displayed(self, agent_id: str) -> list[str]:
+        agent = self._agents.get(agent_id)
+        return [n.id for n in agent.displayed] if agent else []
+
+    def queued(self, agent_id: str) -> list[str]:
+        agent = self._agents.get(agent_id)
+        return [n.id for n in agent.queue] if agent else []
+
+    def state_of(self, notification_id: str) -> State | None:
+        n = self._live.get(notification_id) or self._recent.get(notification_id)
+        return n.state if n else None
+
+    def outcome_of(self, notification_id: str) -> Outcome | None:
+        n = self._recent.get(notification_id)
+        return n.outcome if n else None
+
+    def unclaimed(self, key: str) -> list[tuple[str, Outcome]]:
+        """Outcomes whose integrator connection was gone: (requestId, outcome)."""
+        return list(self._unclaimed.get(key, ()))
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "agents": len(self._agents),
+            "agentSessions": len(self._sessions),
+            "integrators": len(self._integrators),
+            "live": len(self._live),
+            "displayed": sum(len(a.displayed) for a in self._agents.values()),
+            "outcomes": self.outcomes,
+        }
+
+    # ------------------------------------------------------------------
+    # Agent events
+
+    def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
+        """A session authenticated as ``agent_id``: welcome it and replay."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = self._agents[agent_id] = _Agent(agent_id)
+        agent.sessions[conn] = session_id
+        agent.grace_deadline = None
+        self._sessions[conn] = agent
+        out = self._effects
+        target = (conn,)
+        out.append(Send(target, f.Welcome(agent_id=agent_id, session_id=session_id, server_time=int(now))))
+        for n in agent.displayed:
+            out.append(Send(target, n.frame))
+        if agent.queue:
+            out.append(Send(target, f.QueueLength(queued=len(agent.queue))))
+        return self._flush()
+
+    def agent_disconnected(self, conn: Conn, now: float) -> list[Effect]:
+        agent = self._sessions.pop(conn, None)
+        if agent is None:
+            return []
+        del agent.sessions[conn]
+        if not agent.sessions:
+            when = now + self.limits.presence_grace * 1000.0
+            agent.grace_deadline = when
+            self._push(when, _GRACE, agent)
+        return self._flush()
+
+    def agent_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+        """A decoded frame from an authenticated agent session."""
+        match frame:
+            case f.Respond():
+                self._respond(conn, frame, now)
+            case f.Ping():
+                self._effects.append(Send((conn,), f.Pong(server_time=int(now))))
+            case f.AgentHello():
+                self._effects.append(
+                    Send((conn,), f.AgentError(code="AlreadyAuthenticated", message="hello was already accepted"))
+                )
+        return self._flush()
+
+    def _respond(self, conn: Conn, frame: f.Respond, now: float) -> None:
+        agent = self._sessions.get(conn)
+        nid = frame.notification_id
+        n = self._live.get(nid)
+        if n is None or n.agent is not agent:
+            ended = self._recent.get(nid)
+            if ended is not None and ended.agent.id == (agent.id if agent else None):
+                code = "NotificationNotPending"
+                msg = f"notification already ended: {ended.outcome.action_name}/{ended.outcome.response_reason}"
+            else:
+                code, msg = "UnknownNotification", "no such notification for this agent"
+            self._effects.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
+            return
+        if n.state is not State.DISPLAYED:
+            self._effects.append(
+                Send((conn,), f.AgentError(code="NotificationNotDisplayed", message="notification is not displayed",
+                                           notification_id=nid))
+            )
+            return
+        self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now)
+
+    # ------------------------------------------------------------------
+    # Integrator events
+
+    def integrator_connected(self, conn: Conn, key: str, now: float) -> list[Effect]:
+        """A connection authenticated with the API key named ``key``."""
+        self._integrators[conn] = key
+        return []
+
+    def integrator_disconnected(self, conn: Conn, now: float) -> list[Effect]:
+        """Its notifications run on; their outcomes become unclaimed."""
+        self._integrators.pop(conn, None)
+        for n in self._owned.pop(conn, ()):
+            n.owner = None
+        return []
+
+    def integrator_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+        """A decoded frame from an authenticated integrator connection."""
+        match frame:
+            case f.NotifyEvent():
+                self._notify(conn, frame, now)
+            case f.CancelEvent():
+                self._cancel(conn, frame, now)
+            case f.IntegratorHello():
+                self._effects.append(
+                    Send((conn,), f.IntegratorError(error=f.ErrorBody(
+                        message="RejectAfterClientError", msdyn_name="NotifyEvent",
+                        details="hello was already accepted")))
+                )
+        return self._flush()
+
+    def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float) -> None:
+        key = self._integrators[conn]
+        rid = frame.request_id
+        inp = frame.input
+        template = self.templates.get(inp.template_name)
+        if template is None:
+            self._reply(conn, _notify_error(rid, "NotificationTemplateNotFoundError",
+                                            f"no template named {inp.template_name!r}"))
+            return
+        token = inp.cancellation_token
+        if frame.cancellation_token is not None:
+            if token is not None and token != frame.cancellation_token:
+                self._reply(conn, _notify_error(rid, "RejectAfterClientError",
+                                                "cancellationToken in input and beside it differ - at $.cancellationToken"))
+                return
+            token = frame.cancellation_token
+        if token is None:
+            token = self._new_id()
+        elif (key, token) in self._tokens:
+            self._reply(conn, _notify_error(rid, "CancellationTokenInUseError",
+                                            f"cancellationToken {token!r} belongs to a pending notification"))
+            return
+        agent = self._agents.get(frame.agent_id)
+        if agent is None:
+            self._reply(conn, _notify_error(rid, "AgentNotConnectedError",
+                                            f"agent {frame.agent_id!r} is not connected"))
+            return
+
+        params = inp.template_parameters
+        n = _Notification(
+            id=self._new_id(),
+            agent=agent,
+            key=key,
+            owner=conn,
+            request_id=rid,
+            token=token,
+            correlation_id=frame.correlation_id,
+            progress=frame.progress,
+            template=template,
+            title=render_text(template.title, params),
+            fields=render_fields(template, params),
+        )
+        limits = self.limits
+        if len(agent.displayed) >= limits.display_limit and len(agent.queue) >= limits.queue_limit:
+            self._end(n, QUEUE_LIMIT, now)
+            return
+        self._live[n.id] = n
+        self._tokens[(key, token)] = n
+        owned = self._owned.get(conn)
+        if owned is None:
+            owned = self._owned[conn] = set()
+        owned.add(n)
+        if n.progress:
+            self._reply(conn, f.Status(request_id=rid, notification_id=n.id, cancellation_token=token, state="queued"))
+        if len(agent.displayed) < limits.display_limit:
+            self._display(n, now)
+        else:
+            n.deadline = when = now + limits.queue_timeout * 1000.0
+            agent.queue.append(n)
+            self._push(when, _QUEUE, n)
+            self._queue_changed(agent)
+
+    def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float) -> None:
+        key = self._integrators[conn]
+        token = frame.cancellation_token
+        n = self._tokens.get((key, token))
+        if n is not None:
+            self._end(n, CANCELLED, now)
+        else:
+            n = self._recent_tokens.get((key, token))
+            if n is None:
+                self._reply(conn, _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
+                                                f"no notification with cancellationToken {token!r}"))
+                return
+        outcome = n.outcome
+        self._reply(conn, f.Result(
+            request_id=frame.request_id,
+            value=f.CancelValue(cancellation_token=token, action_name=outcome.action_name,
+                                response_reason=outcome.response_reason),
+        ))
+
+    # ------------------------------------------------------------------
+    # Time
+
+    def handle_timer(self, now: float) -> list[Effect]:
+        """Run every deadline at or before ``now``."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, kind, ref = heapq.heappop(heap)
+            if not self._timer_valid(when, kind, ref):
+                continue
+            if kind == _DISPLAY:
+                self._end(ref, DISPLAY_TIMEOUT, now)
+            elif kind == _QUEUE:
+                self._end(ref, QUEUE_TIME_LIMIT, now)
+            else:
+                self._grace_expired(ref, now)
+        return self._flush()
+
+    def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
+        if kind == _GRACE:
+            return ref.grace_deadline == when and not ref.sessions
+        if kind == _DISPLAY:
+            return ref.state is State.DISPLAYED and ref.deadline == when
+        return ref.state is State.QUEUED and ref.deadline == when
+
+    def _push(self, when: float, kind: int, ref: Any) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, ref))
+
+    def _grace_expired(self, agent: _Agent, now: float) -> None:
+        agent.grace_deadline = None
+        for n in list(agent.queue) + list(agent.displayed):
+            if n.state is not State.ENDED:
+                self._end(n, AGENT_DISCONNECTED, now)
+        if not agent.sessions and self._agents.get(agent.id) is agent:
+            del self._agents[agent.id]
+
+    # ------------------------------------------------------------------
+    # Transitions
+
+    def _display(self, n: _Notification, now: float) -> None:
+        agent = n.agent
+        t = n.template
+        n.state = State.DISPLAYED
+        n.deadline = when = now + t.timeout * 1000.0
+        n.frame = f.Notification(
+            notification_id=n.id,
+            template_name=t.name,
+            title=n.title,
+            icon=t.icon,
+            fields=n.fields,
+            accept_text=t.accept_text,
+            reject_text=t.reject_text,
+            show_timeout=t.show_timeout,
+            auto_accept=t.auto_accept,
+            timeout_seconds=t.timeout,
+            expires_at=int(when),
+            correlation_id=n.correlation_id,
+        )
+        agent.displayed.append(n)
+        if agent.sessions:
+            self._effects.append(Send(tuple(agent.sessions), n.frame))
+        if n.progress and n.owner is not None:
+            self._reply(n.owner, f.Status(request_id=n.request_id, notification_id=n.id,
+                                          cancellation_token=n.token, state="displayed"))
+        if t.auto_accept:
+            self._end(n, AUTO_ACCEPTED, now)
+        else:
+            self._push(when, _DISPLAY, n)
+
+    def _end(self, n: _Notification, outcome: Outcome, now: float) -> None:
+        """The one place a notification gets its outcome."""
+        assert n.state is not State.ENDED, "a notification ends once"
+        was = n.state
+        n.state = State.ENDED
+        n.outcome = outcome
+        agent = n.agent
+        key = n.key
+        self.outcomes += 1
+        if self._live.pop(n.id, None) is not None:
+            if self._tokens.get((key, n.token)) is n:
+                del self._tokens[(key, n.token)]
+            if n.owner is not None:
+                owned = self._owned.get(n.owner)
+                if owned is not None:
+                    owned.discard(n)
+        self._remember(n)
+
+        value = f.NotifyValue(action_name=outcome.action_name, response_reason=outcome.response_reason)
+        delivered = n.owner is not None
+        if delivered:
+            self._reply(n.owner, f.Result(request_id=n.request_id, value=value))
+        elif self.limits.unclaimed_outcomes:
+            box = self._unclaimed.get(key)
+            if box is None:
+                box = self._unclaimed[key] = deque(maxlen=self.limits.unclaimed_outcomes)
+            box.append((n.request_id, outcome))
+        self._effects.append(Ended(n.id, agent.id, key, n.correlation_id, outcome, delivered))
+
+        if was is State.DISPLAYED:
+            agent.displayed.remove(n)
+            if agent.sessions:
+                self._effects.append(Send(tuple(agent.sessions), f.Resolved(
+                    notification_id=n.id, action_name=outcome.action_name,
+                    response_reason=outcome.response_reason)))
+            self._display_next(agent, now)
+        elif was is State.QUEUED and n in agent.queue:
+            agent.queue.remove(n)
+            self._queue_changed(agent)
+
+    def _display_next(self, agent: _Agent, now: float) -> None:
+        # An auto-accept template ends as it is displayed, which lands back
+        # here; the outer loop carries on instead of recursing once per item.
+        if agent.draining:
+            return
+        limit = self.limits.display_limit
+        changed = False
+        agent.draining = True
+        try:
+            while agent.queue and len(agent.displayed) < limit:
+                n = agent.queue.popleft()
+                changed = True
+                self._display(n, now)
+        finally:
+            agent.draining = False
+        if changed:
+            self._queue_changed(agent)
+
+    def _queue_changed(self, agent: _Agent) -> None:
+        queued = len(agent.queue)
+        if queued != agent.queued_sent:
+            agent.queued_sent = queued
+            if agent.sessions:
+                self._effects.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
+
+    def _remember(self, n: _Notification) -> None:
+        cap = self.limits.recent_outcomes
+        if not cap:
+            return
+        recent = self._recent
+        recent[n.id] = n
+        self._recent_tokens[(n.key, n.token)] = n
+        while len(recent) > cap:
+            _, old = recent.popitem(last=False)
+            if self._recent_tokens.get((old.key, old.token)) is old:
+                del self._recent_tokens[(old.key, old.token)]
+
+    # ------------------------------------------------------------------
+
+    def _reply(self, conn: Conn, frame: Any) -> None:
+        self._effects.append(Send((conn,), frame))
+
+    def _flush(self) -> list[Effect]:
+        out = self._effects
+        self._effects = []
+        return out

@@ -1,0 +1,221 @@
+"""Every frame of wire protocol v1, as msgspec Structs.
+
+All frames are WebSocket text frames holding one JSON object whose ``type``
+field selects the frame. Field names are camelCase on the wire (``rename="camel"``);
+the one exception is ``msdyn_name`` in integrator errors, spelled as CIF 2.0 does.
+
+There is one tagged union per direction and endpoint, each decoded by one
+Decoder built once at import time:
+
+* ``AgentInbound``: what an agent desktop sends (hello, respond, ping).
+* ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent).
+
+Outbound frames are encoded by the single ``ENCODER``. Constraints
+(``Meta(max_length=...)``) apply only when decoding, so they bound what clients
+may send without costing anything on the way out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "AgentHello",
+    "Respond",
+    "Ping",
+    "AgentInbound",
+    "Welcome",
+    "Notification",
+    "Field",
+    "Resolved",
+    "QueueLength",
+    "Pong",
+    "AgentError",
+    "IntegratorHello",
+    "NotifyInput",
+    "NotifyEvent",
+    "CancelEvent",
+    "IntegratorInbound",
+    "Status",
+    "NotifyValue",
+    "CancelValue",
+    "Result",
+    "ErrorBody",
+    "IntegratorError",
+    "ENCODER",
+    "AGENT_DECODER",
+    "INTEGRATOR_DECODER",
+    "encode",
+]
+
+# Bounds on what a client may send. Generous for real use, small enough that a
+# hostile client cannot make the server hold much.
+Id = Annotated[str, Meta(min_length=1, max_length=128)]
+ShortText = Annotated[str, Meta(max_length=256)]
+Token = Annotated[str, Meta(min_length=1, max_length=4096)]
+Params = Annotated[dict[str, Any], Meta(max_length=64)]
+
+
+class _Frame(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True):
+    """Base of every frame: tagged by ``type``, camelCase on the wire."""
+
+
+# --------------------------------------------------------------------------
+# Agent endpoint, client -> server
+
+
+class AgentHello(_Frame, tag="hello"):
+    """First frame of an agent session: the agent's JWT."""
+
+    token: Token
+
+
+class Respond(_Frame, tag="respond"):
+    """The agent's answer to a displayed notification."""
+
+    notification_id: Id
+    action: Literal["Accept", "Reject"]
+
+
+class Ping(_Frame, tag="ping"):
+    """Application keepalive; browsers cannot send protocol pings."""
+
+
+AgentInbound = Union[AgentHello, Respond, Ping]
+
+# --------------------------------------------------------------------------
+# Agent endpoint, server -> client
+
+
+class Welcome(_Frame, tag="welcome"):
+    agent_id: str
+    session_id: str
+    server_time: int
+
+
+class Field(msgspec.Struct, frozen=True):
+    header: str
+    value: str
+
+
+class Notification(_Frame, tag="notification"):
+    notification_id: str
+    template_name: str
+    title: str
+    icon: str
+    fields: tuple[Field, ...]
+    accept_text: str
+    reject_text: str
+    show_timeout: bool
+    auto_accept: bool
+    timeout_seconds: float
+    expires_at: int
+    correlation_id: str | None = None
+
+
+class Resolved(_Frame, tag="resolved"):
+    notification_id: str
+    action_name: str
+    response_reason: str
+
+
+class QueueLength(_Frame, tag="queue"):
+    """How many of the agent's notifications wait behind the displayed ones."""
+
+    queued: int
+
+
+class Pong(_Frame, tag="pong"):
+    server_time: int
+
+
+class AgentError(_Frame, tag="error"):
+    code: str
+    message: str
+    notification_id: str | None = None
+
+
+# --------------------------------------------------------------------------
+# Integrator endpoint, client -> server
+
+
+class IntegratorHello(_Frame, tag="hello"):
+    """First frame of a browser integrator, which cannot set headers."""
+
+    api_key: Token
+
+
+class NotifyInput(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    """CIF 2.0 ``notifyEvent`` input. Unknown keys are ignored, as CIF does."""
+
+    template_name: Id
+    template_parameters: Params = {}
+    cancellation_token: Id | None = None
+
+
+class NotifyEvent(_Frame, tag="notifyEvent"):
+    request_id: Id
+    agent_id: Id
+    input: NotifyInput
+    cancellation_token: Id | None = None
+    correlation_id: ShortText | None = None
+    progress: bool = True
+
+
+class CancelEvent(_Frame, tag="cancelEvent"):
+    request_id: Id
+    cancellation_token: Id
+    correlation_id: ShortText | None = None
+
+
+IntegratorInbound = Union[IntegratorHello, NotifyEvent, CancelEvent]
+
+# --------------------------------------------------------------------------
+# Integrator endpoint, server -> client
+
+
+class Status(_Frame, tag="status"):
+    request_id: str
+    notification_id: str
+    cancellation_token: str
+    state: Literal["queued", "displayed"]
+
+
+class NotifyValue(msgspec.Struct, rename="camel", frozen=True):
+    action_name: str
+    response_reason: str
+
+
+class CancelValue(msgspec.Struct, rename="camel", frozen=True):
+    cancellation_token: str
+    action_name: str
+    response_reason: str
+
+
+class Result(_Frame, tag="result"):
+    request_id: str
+    value: NotifyValue | CancelValue
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    """CIF 2.0's error object: ``{"message": ..., "msdyn_name": ...}``."""
+
+    message: str
+    msdyn_name: str
+    details: str = ""
+
+
+class IntegratorError(_Frame, tag="error", omit_defaults=True):
+    error: ErrorBody
+    request_id: str | None = None
+
+
+# --------------------------------------------------------------------------
+
+ENCODER = msgspec.json.Encoder()
+AGENT_DECODER = msgspec.json.Decoder(AgentInbound)
+INTEGRATOR_DECODER = msgspec.json.Decoder(IntegratorInbound)
+encode = ENCODER.encode

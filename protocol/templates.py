@@ -1,0 +1,132 @@
+"""Notification templates, and rendering them with ``templateParameters``.
+
+A template is what Omnichannel calls a notification template: a title, an icon,
+fields made of a header and a value with ``{slug}`` placeholders, the text of
+the two buttons, the display timeout and whether it auto-accepts.
+
+Rendering fills each ``{slug}`` from ``templateParameters``. A slug the integrator
+did not give renders as the empty string, and a field whose value renders empty
+is left out, so CIF's example (empty parameters) still shows a clean card.
+Values are untrusted text: clients must display them as text, never as HTML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from .frames import Field
+
+__all__ = ["FieldTemplate", "Template", "BUILTIN_TEMPLATES", "render_text", "render_fields"]
+
+_SLUG = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
+
+
+class FieldTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    header: str
+    value: str
+
+
+class Template(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    title: str
+    icon: str = "chat"
+    fields: tuple[FieldTemplate, ...] = ()
+    accept_text: str = "Accept"
+    reject_text: str = "Reject"
+    show_timeout: bool = True
+    timeout: Annotated[float, Meta(gt=0, le=86400)] = 120.0
+    auto_accept: bool = False
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return msgspec.json.encode(value).decode()
+
+
+def render_text(text: str, params: Mapping[str, Any]) -> str:
+    """Fill ``{slug}`` placeholders; unknown slugs become empty."""
+    if "{" not in text:
+        return text
+    return _SLUG.sub(lambda m: _text(params.get(m.group(1))), text)
+
+
+def render_fields(template: Template, params: Mapping[str, Any]) -> tuple[Field, ...]:
+    fields = []
+    for f in template.fields:
+        value = render_text(f.value, params).strip()
+        if value:
+            fields.append(Field(header=f.header, value=value))
+    return tuple(fields)
+
+
+def _t(name: str, title: str, icon: str, fields: list[tuple[str, str]], **kw: Any) -> Template:
+    return Template(
+        name=name,
+        title=title,
+        icon=icon,
+        fields=tuple(FieldTemplate(header=h, value=v) for h, v in fields),
+        **kw,
+    )
+
+
+# The built-in templates, so CIF's example works with no config. Names follow
+# Omnichannel's default templates.
+BUILTIN_TEMPLATES: tuple[Template, ...] = (
+    _t(
+        "msdyn_chat_incoming_unauthenticated",
+        "New chat request",
+        "chat",
+        [("Customer", "{customerName}"), ("Queue", "{queueName}"), ("Comment", "{comment}")],
+    ),
+    _t(
+        "msdyn_chat_incoming_authenticated",
+        "New chat request from {customerName}",
+        "chat",
+        [("Customer", "{customerName}"), ("Account", "{accountName}"), ("Queue", "{queueName}"),
+         ("Comment", "{comment}")],
+    ),
+    _t(
+        "msdyn_chat_transfer",
+        "Chat transferred to you",
+        "transfer",
+        [("Customer", "{customerName}"), ("From", "{fromAgent}"), ("Comment", "{comment}")],
+    ),
+    _t(
+        "msdyn_voicecall_incoming_unauthenticated",
+        "Incoming call",
+        "phone",
+        [("Caller", "{callerId}"), ("Queue", "{queueName}")],
+        accept_text="Answer",
+        reject_text="Decline",
+        timeout=30.0,
+    ),
+    _t(
+        "msdyn_voicecall_incoming_authenticated",
+        "Incoming call from {customerName}",
+        "phone",
+        [("Caller", "{callerId}"), ("Customer", "{customerName}"), ("Queue", "{queueName}")],
+        accept_text="Answer",
+        reject_text="Decline",
+        timeout=30.0,
+    ),
+    _t(
+        "msdyn_chat_incoming_autoaccept",
+        "Chat assigned to you",
+        "chat",
+        [("Customer", "{customerName}"), ("Queue", "{queueName}")],
+        show_timeout=False,
+        auto_accept=True,
+    ),
+)
