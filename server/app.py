@@ -1,0 +1,383 @@
+"""The I/O around the engine: websockets endpoints, one timer, health, static files.
+
+Everything that touches the engine runs on the event loop thread and never
+awaits in between, so the engine needs no lock: a handler decodes a frame,
+calls the engine, and hands the effects to ``_apply``, which encodes each frame
+once and writes it to its targets without waiting (``broadcast``). A connection
+whose write buffer passes ``outboundLimit`` cannot keep up: it is aborted and
+treated as disconnected, and nobody else waits for it.
+
+Time: the engine gets ``now`` in epoch milliseconds derived from the loop's
+monotonic clock (anchored to the wall clock once at start), so a wall-clock
+jump never fires or stalls timers. One ``call_at`` handle is re-armed to the
+engine's ``next_deadline()``; there is no timer per notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State as WsState
+
+from protocol import Ended, Engine, Send
+from protocol import frames as f
+
+from .auth import AgentTokens, ApiKeys
+from .config import Config
+
+__all__ = ["DeskpushServer", "CLOSE_UNAUTHORIZED", "CLOSE_RATE_LIMITED"]
+
+log = logging.getLogger("deskpush")
+outcome_log = logging.getLogger("deskpush.outcome")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_RATE_LIMITED = 1008
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+# The demo pages load nothing from elsewhere and run no inline script.
+CSP = (
+    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class _Bucket:
+    """Token bucket: ``rate`` frames per second with ``burst`` in reserve."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        self.stamp = now
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+def _integrator_error(raw: bytes, exc: Exception) -> f.IntegratorError:
+    """RejectAfterClientError for a frame that failed to decode.
+
+    The frame is parsed again leniently only to find its requestId and type,
+    so the integrator's pending promise can be rejected; msgspec's message
+    names the bad field (``... - at `$.input.templateName```).
+    """
+    request_id = None
+    name = "NotifyEvent"
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        rid = obj.get("requestId")
+        if isinstance(rid, str) and 0 < len(rid) <= 128:
+            request_id = rid
+        if obj.get("type") == "cancelEvent":
+            name = "CancelEvent"
+    details = str(exc) if isinstance(exc, msgspec.ValidationError) else f"malformed JSON: {exc}"
+    return f.IntegratorError(
+        request_id=request_id,
+        error=f.ErrorBody(message="RejectAfterClientError", msdyn_name=name, details=details),
+    )
+
+
+class DeskpushServer:
+    """One deskpush node.
+
+    Use ``await start()`` then ``await close()``, or ``async with``.
+    ``port`` is the bound port (useful with port 0).
+    """
+
+    def __init__(self, config: Config, *, jwt_secret: str | None = None, api_keys: dict[str, str] | None = None) -> None:
+        self.config = config
+        s = config.server
+        self.tokens = AgentTokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
+        self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
+        self.engine = Engine(config.template_map(), config.limits)
+        self._outbound_limit = s.outbound_limit
+        self._hello_timeout = s.hello_timeout
+        self._server: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: float | None = None
+        self._epoch0 = 0.0
+        self._mono0 = 0.0
+        self._debug = False
+        self.port = 0
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._mono0 = loop.time()
+        self._epoch0 = time.time() * 1000.0
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        s = self.config.server
+        self._server = await serve(
+            self._handler,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            max_size=s.max_size,
+            max_queue=16,
+            compression=None,
+            ping_interval=s.ping_interval or None,
+            ping_timeout=s.ping_timeout or None,
+            open_timeout=s.hello_timeout,
+            close_timeout=5,
+            server_header="deskpush",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Close every connection with 1001 (going away) and stop."""
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> DeskpushServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def now(self) -> float:
+        """Server time in epoch milliseconds, advancing with the monotonic clock."""
+        return self._epoch0 + (self._loop.time() - self._mono0) * 1000.0
+
+    # ------------------------------------------------------------------
+    # Effects and the one timer
+
+    def _apply(self, effects: list) -> None:
+        encode = f.ENCODER.encode
+        for effect in effects:
+            if type(effect) is Send:
+                data = encode(effect.frame)
+                for conn in effect.targets:
+                    self._send(conn, data)
+                if self._debug:
+                    log.debug("send %s to %d", data[:200].decode(errors="replace"), len(effect.targets))
+            elif type(effect) is Ended:
+                o = effect.outcome
+                outcome_log.info(
+                    "outcome notificationId=%s agentId=%s correlationId=%s integrator=%s actionName=%s "
+                    "responseReason=%s delivered=%s",
+                    effect.notification_id, effect.agent_id, effect.correlation_id, effect.integrator,
+                    o.action_name, o.response_reason, effect.delivered,
+                )
+        self._rearm()
+
+    def _send(self, conn: ServerConnection, data: bytes) -> None:
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self._outbound_limit:
+            # It cannot keep up; close it rather than buffer without bound.
+            # Its handler sees the close and the engine treats it as gone.
+            log.warning("closing %s: write buffer over %d bytes", conn.remote_address, self._outbound_limit)
+            transport.abort()
+            return
+        broadcast((conn,), data, text=True)
+
+    def _rearm(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline == self._armed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed = deadline
+        if deadline is not None:
+            when = self._mono0 + (deadline - self._epoch0) / 1000.0
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._armed
+        self._armed = None
+        # call_at may fire a hair early; the deadline it was armed for is due.
+        now = self.now()
+        if deadline is not None and deadline > now:
+            now = deadline
+        self._apply(self.engine.handle_timer(now))
+
+    # ------------------------------------------------------------------
+    # HTTP before the upgrade: auth, health, static files
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/agent":
+            return None
+        if path == "/integrator":
+            header = request.headers.get("Authorization")
+            if header is not None and self.api_keys.check_bearer(header) is None:
+                return self._plain(HTTPStatus.UNAUTHORIZED, "UnauthorizedError\n",
+                                   [("WWW-Authenticate", 'Bearer realm="deskpush"')])
+            return None
+        if path == "/healthz":
+            body = msgspec.json.encode({"status": "ok", **self.engine.statistics()})
+            return self._response(HTTPStatus.OK, body, "application/json")
+        if self.config.server.demo:
+            return self._static(path)
+        return self._plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+
+    def _static(self, path: str) -> Response:
+        if path == "/":
+            path = "/index.html"
+        name = path.lstrip("/")
+        suffix = Path(name).suffix
+        if "/" in name or "\\" in name or name.startswith(".") or suffix not in CONTENT_TYPES:
+            return self._plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+        file = DEMO_DIR / name
+        try:
+            body = file.read_bytes()
+        except OSError:
+            return self._plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+        return self._response(HTTPStatus.OK, body, CONTENT_TYPES[suffix],
+                              [("Content-Security-Policy", CSP), ("Cache-Control", "no-cache")])
+
+    @staticmethod
+    def _response(status: HTTPStatus, body: bytes, ctype: str, extra: list[tuple[str, str]] = ()) -> Response:
+        headers = Headers([
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(body))),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Connection", "close"),
+            *extra,
+        ])
+        return Response(status.value, status.phrase, headers, body)
+
+    def _plain(self, status: HTTPStatus, text: str, extra: list[tuple[str, str]] = ()) -> Response:
+        return self._response(status, text.encode(), "text/plain; charset=utf-8", extra)
+
+    # ------------------------------------------------------------------
+    # WebSocket endpoints
+
+    async def _handler(self, conn: ServerConnection) -> None:
+        path = conn.request.path.partition("?")[0]
+        if path == "/agent":
+            await self._agent(conn)
+        elif path == "/integrator":
+            await self._integrator(conn)
+
+    async def _hello(self, conn: ServerConnection) -> bytes | None:
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                return await conn.recv(decode=False)
+        except (TimeoutError, ConnectionClosed):
+            return None
+
+    async def _agent(self, conn: ServerConnection) -> None:
+        raw = await self._hello(conn)
+        agent_id = None
+        if raw is not None:
+            try:
+                hello = f.AGENT_DECODER.decode(raw)
+            except msgspec.MsgspecError:
+                hello = None
+            if type(hello) is f.AgentHello:
+                agent_id = self.tokens.verify(hello.token)
+        if agent_id is None:
+            await conn.close(CLOSE_UNAUTHORIZED, "unauthorized")
+            return
+        engine = self.engine
+        session_id = secrets.token_hex(8)
+        self._apply(engine.agent_connected(conn, agent_id, session_id, self.now()))
+        log.debug("agent %s session %s connected from %s", agent_id, session_id, conn.remote_address)
+        s = self.config.server
+        bucket = _Bucket(s.agent_rate, s.agent_burst, self._loop.time())
+        decode = f.AGENT_DECODER.decode
+        try:
+            while True:
+                raw = await conn.recv(decode=False)
+                if not bucket.take(self._loop.time()):
+                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                    break
+                try:
+                    frame = decode(raw)
+                except msgspec.ValidationError as exc:
+                    self._apply([Send((conn,), f.AgentError(code="BadFrame", message=str(exc)))])
+                    continue
+                except msgspec.DecodeError as exc:
+                    self._apply([Send((conn,), f.AgentError(code="BadFrame", message=f"malformed JSON: {exc}"))])
+                    continue
+                self._apply(engine.agent_frame(conn, frame, self.now()))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._apply(engine.agent_disconnected(conn, self.now()))
+            log.debug("agent %s session %s disconnected", agent_id, session_id)
+
+    async def _integrator(self, conn: ServerConnection) -> None:
+        key = self.api_keys.check_bearer(conn.request.headers.get("Authorization"))
+        if key is None:
+            raw = await self._hello(conn)
+            if raw is not None:
+                try:
+                    hello = f.INTEGRATOR_DECODER.decode(raw)
+                except msgspec.MsgspecError:
+                    hello = None
+                if type(hello) is f.IntegratorHello:
+                    key = self.api_keys.check(hello.api_key)
+            if key is None:
+                await conn.close(CLOSE_UNAUTHORIZED, "unauthorized")
+                return
+        engine = self.engine
+        engine.integrator_connected(conn, key, self.now())
+        log.debug("integrator %s connected from %s", key, conn.remote_address)
+        s = self.config.server
+        bucket = _Bucket(s.integrator_rate, s.integrator_burst, self._loop.time())
+        decode = f.INTEGRATOR_DECODER.decode
+        try:
+            while True:
+                raw = await conn.recv(decode=False)
+                if not bucket.take(self._loop.time()):
+                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                    break
+                try:
+                    frame = decode(raw)
+                except msgspec.MsgspecError as exc:
+                    self._apply([Send((conn,), _integrator_error(raw, exc))])
+                    continue
+                self._apply(engine.integrator_frame(conn, frame, self.now()))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._apply(engine.integrator_disconnected(conn, self.now()))
+            log.debug("integrator %s disconnected", key)

@@ -1,0 +1,217 @@
+"""``deskpush``: the command line.
+
+    deskpush serve [--config FILE] [--host H] [--port P] [--log-level L]
+    deskpush token AGENT_ID [--config FILE] [--ttl SECONDS]
+    deskpush notify --agent ID --template NAME [--param key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import queue
+import signal
+import sys
+from typing import Any
+
+from . import __version__
+from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
+
+__all__ = ["main"]
+
+
+def _setup_logging(level: str) -> logging.handlers.QueueListener:
+    """Log lines are formatted and written by a thread, off the event loop."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(q)]
+    root.setLevel(level.upper())
+    # websockets logs every failed handshake at INFO; keep those for DEBUG.
+    if root.level > logging.DEBUG:
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    listener = logging.handlers.QueueListener(q, handler, respect_handler_level=False)
+    listener.start()
+    return listener
+
+
+def _run(coro_fn: Any) -> None:
+    import anyio
+
+    try:
+        import uvloop  # noqa: F401
+
+        anyio.run(coro_fn, backend_options={"use_uvloop": True})
+    except ImportError:
+        anyio.run(coro_fn)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from .app import DeskpushServer
+    from .auth import AgentTokens
+
+    config = _load(args.config)
+    if args.host or args.port is not None:
+        server = config.server
+        import msgspec
+
+        config = msgspec.structs.replace(
+            config,
+            server=msgspec.structs.replace(
+                server, host=args.host or server.host, port=server.port if args.port is None else args.port
+            ),
+        )
+    secret = config.jwt_secret()
+    ephemeral = secret is None
+    if ephemeral:
+        secret = ephemeral_secret()
+    keys = config.api_keys()
+    generated_key = None
+    if not keys:
+        generated_key = ephemeral_secret()
+        keys = {"default": generated_key}
+    listener = _setup_logging(args.log_level)
+    log = logging.getLogger("deskpush")
+
+    async def main() -> None:
+        srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
+        try:
+            await srv.start()
+        except OSError as exc:
+            print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        host = config.server.host
+        shown = f"[{host}]" if ":" in host else host
+        http = f"http://{shown}:{srv.port}"
+        ws = f"ws://{shown}:{srv.port}"
+        agent = args.agent
+        token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+        lines = [
+            f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
+            f"  health:            {http}/healthz",
+        ]
+        if config.server.demo:
+            lines.append(f"  agent desktop:     {http}/#token={token}")
+        lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+        if generated_key:
+            lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
+            key_shown = generated_key
+        else:
+            lines.append(f"  integrator keys:   {', '.join(keys)} (from config)")
+            key_shown = "<your key>"
+        if config.server.demo:
+            lines.append(f"  integrator page:   {http}/integrator.html#apiKey={key_shown}&agentId={agent}")
+        lines.append(
+            f"  try:  deskpush notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
+            f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
+        )
+        if ephemeral:
+            lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
+        print("\n".join(lines), flush=True)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def wait_signal() -> None:
+                    async for signum in signals:
+                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        break
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(wait_signal)
+                tg.start_soon(srv.serve_forever)
+            with anyio.CancelScope(shield=True):
+                await srv.close()
+        log.info("stopped")
+
+    try:
+        _run(main)
+    finally:
+        listener.stop()
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .auth import AgentTokens
+
+    config = _load(args.config)
+    secret = config.jwt_secret()
+    if secret is None:
+        print(
+            f"deskpush token: no secret configured: set {JWT_SECRET_ENV} or auth.jwtSecret in the config "
+            "(the one 'deskpush serve' uses)",
+            file=sys.stderr,
+        )
+        return 2
+    print(AgentTokens(secret).issue(args.agent_id, ttl=args.ttl))
+    return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    try:
+        from demo_client.integrator import cli_notify
+    except ImportError:  # pragma: no cover
+        print("deskpush notify: the demo client is not installed", file=sys.stderr)
+        return 2
+    return cli_notify(args)
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load(path or os.environ.get("DESKPUSH_CONFIG"))
+    except ConfigError as exc:
+        print(f"deskpush: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deskpush", description="WebSocket push server for agent desktops (CIF 2.0 notifyEvent/cancelEvent).")
+    p.add_argument("--version", action="version", version=f"deskpush {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server (embedded defaults with no arguments)")
+    s.add_argument("--config", help="TOML config file (or DESKPUSH_CONFIG)")
+    s.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default from config: 8765; 0 picks one)")
+    s.add_argument("--agent", default="agent-1", help="agent id of the token printed at start (default agent-1)")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("token", help="print an agent token")
+    t.add_argument("agent_id")
+    t.add_argument("--config", help="TOML config file (or DESKPUSH_CONFIG)")
+    t.add_argument("--ttl", type=float, default=12 * 3600, help="seconds the token is valid (default 12 h)")
+    t.set_defaults(func=cmd_token)
+
+    n = sub.add_parser("notify", help="send one notifyEvent and print its outcome")
+    n.add_argument("--url", default=os.environ.get("DESKPUSH_URL", "ws://127.0.0.1:8765/integrator"))
+    n.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"integrator API key (or {API_KEY_ENV})")
+    n.add_argument("--agent", required=True, help="target agent id")
+    n.add_argument("--template", default="msdyn_chat_incoming_unauthenticated")
+    n.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE")
+    n.add_argument("--cancellation-token")
+    n.add_argument("--correlation-id")
+    n.add_argument("--cancel-after", type=float, help="send cancelEvent after this many seconds")
+    n.set_defaults(func=cmd_notify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

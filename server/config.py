@@ -1,0 +1,128 @@
+"""The server's configuration: one TOML file decoded into typed Structs.
+
+Every key is optional; the embedded defaults run a server on 127.0.0.1 with the
+built-in templates. Keys are camelCase, as on the wire. A bad key or value
+raises ``ConfigError`` naming it (``Expected `int`, got `str` - at
+`$.limits.queueLimit```). See ``docs/configuration.md`` and ``deskpush.example.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from protocol import BUILTIN_TEMPLATES, Limits, Template
+
+__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
+
+JWT_SECRET_ENV = "DESKPUSH_JWT_SECRET"
+API_KEY_ENV = "DESKPUSH_API_KEY"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class _Section(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8765
+    # Largest frame a client may send; larger ones close the connection with 1009.
+    max_size: Annotated[int, Meta(ge=1024, le=16 * 2**20)] = 64 * 1024
+    # Seconds a client has to send its hello frame.
+    hello_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    # Bytes that may wait in one connection's write buffer before it is closed as too slow.
+    outbound_limit: Annotated[int, Meta(ge=4096)] = 1024 * 1024
+    # Protocol pings (seconds); 0 turns them off.
+    ping_interval: Annotated[float, Meta(ge=0)] = 20.0
+    ping_timeout: Annotated[float, Meta(ge=0)] = 20.0
+    # Frames per second a connection may send, and the burst above that; past it: close 1008.
+    agent_rate: Annotated[float, Meta(gt=0)] = 50.0
+    agent_burst: Annotated[float, Meta(ge=1)] = 200.0
+    integrator_rate: Annotated[float, Meta(gt=0)] = 20000.0
+    integrator_burst: Annotated[float, Meta(ge=1)] = 40000.0
+    # Serve the demo agent desktop and integrator page at / .
+    demo: bool = True
+
+
+class ApiKey(_Section):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    key: str | None = None
+    key_env: str | None = None
+
+
+class AuthSection(_Section):
+    # HS256 secret for agent tokens; or the name of an environment variable holding it.
+    jwt_secret: str | None = None
+    jwt_secret_env: str = JWT_SECRET_ENV
+    integrator_keys: tuple[ApiKey, ...] = ()
+
+
+class Config(_Section):
+    server: ServerSection = ServerSection()
+    auth: AuthSection = AuthSection()
+    limits: Limits = Limits()
+    # Keep the built-in templates; [[templates]] with the same name replace them.
+    builtin_templates: bool = True
+    templates: tuple[Template, ...] = ()
+
+    def template_map(self) -> dict[str, Template]:
+        out = {t.name: t for t in BUILTIN_TEMPLATES} if self.builtin_templates else {}
+        for t in self.templates:
+            out[t.name] = t
+        return out
+
+    def jwt_secret(self) -> str | None:
+        """The configured secret, from the file or the environment."""
+        return self.auth.jwt_secret or os.environ.get(self.auth.jwt_secret_env) or None
+
+    def api_keys(self) -> dict[str, str]:
+        """Integrator keys as {name: key}; DESKPUSH_API_KEY adds one named "default"."""
+        keys: dict[str, str] = {}
+        for k in self.auth.integrator_keys:
+            value = k.key or (os.environ.get(k.key_env) if k.key_env else None)
+            if not value:
+                raise ConfigError(f"integrator key {k.name!r} has no key (set key or keyEnv) - at $.auth.integratorKeys")
+            keys[k.name] = value
+        env = os.environ.get(API_KEY_ENV)
+        if env and "default" not in keys:
+            keys["default"] = env
+        return keys
+
+
+def default() -> Config:
+    return Config()
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Decode the TOML file at ``path``; None gives the embedded defaults."""
+    if path is None:
+        return default()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    names = [t.name for t in config.templates]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: template defined twice: {', '.join(dupes)} - at $.templates")
+    config.api_keys()  # validates keyEnv references early
+    return config
+
+
+def ephemeral_secret() -> str:
+    return secrets.token_urlsafe(32)
