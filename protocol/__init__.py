@@ -20,6 +20,7 @@ from .engine import (
     Send,
     State,
 )
+from .engine import SavedNotification, Snapshot
 from .templates import BUILTIN_TEMPLATES, FieldTemplate, Template
 
 __all__ = [
@@ -38,7 +39,9 @@ __all__ = [
     "FieldTemplate",
     "Limits",
     "Outcome",
+    "SavedNotification",
     "Send",
+    "Snapshot",
     "State",
     "Template",
 ]

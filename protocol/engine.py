@@ -82,6 +82,8 @@ __all__ = [
     "DISPLAY_TIMEOUT",
     "CANCELLED",
     "AGENT_DISCONNECTED",
+    "Snapshot",
+    "SavedNotification",
 ]
 
 Conn = Hashable
@@ -168,6 +170,32 @@ class _Agent:
     grace_deadline: float | None = None
     queued_sent: int = 0
     draining: bool = False
+
+
+class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    """A pending notification as kept across a restart."""
+
+    id: str
+    agent_id: str
+    integrator: str
+    request_id: str
+    cancellation_token: str
+    correlation_id: str | None
+    progress: bool
+    template: Template
+    title: str
+    fields: tuple[f.Field, ...]
+    state: str
+    deadline: float
+    frame: f.Notification | None = None
+
+
+class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    """Every pending notification, per agent in display then queue order."""
+
+    version: int = 1
+    saved_at: float = 0.0
+    notifications: tuple[SavedNotification, ...] = ()
 
 
 # Timer kinds in the deadline heap.
@@ -586,6 +614,59 @@ class Engine:
             _, old = recent.popitem(last=False)
             if self._recent_tokens.get((old.key, old.token)) is old:
                 del self._recent_tokens[(old.key, old.token)]
+
+    # ------------------------------------------------------------------
+    # Keeping pending notifications across a restart
+
+    def snapshot(self, now: float) -> Snapshot:
+        """The pending notifications, to hand to ``restore`` in the next process."""
+        saved = []
+        for agent in self._agents.values():
+            for n in itertools.chain(agent.displayed, agent.queue):
+                saved.append(SavedNotification(
+                    id=n.id, agent_id=agent.id, integrator=n.key, request_id=n.request_id,
+                    cancellation_token=n.token, correlation_id=n.correlation_id, progress=n.progress,
+                    template=n.template, title=n.title, fields=n.fields, state=n.state.value,
+                    deadline=n.deadline, frame=n.frame,
+                ))
+        return Snapshot(saved_at=now, notifications=tuple(saved))
+
+    def restore(self, snapshot: Snapshot, now: float) -> list[Effect]:
+        """Take back the notifications of ``snapshot``, keeping their deadlines.
+
+        Their agents start with no session and a fresh presence grace, so a
+        desktop that reconnects in time gets its displayed notifications
+        replayed; their integrator connections are gone, so outcomes become
+        unclaimed. A deadline that passed while the server was down fires at
+        the next ``handle_timer``.
+        """
+        grace = now + self.limits.presence_grace * 1000.0
+        for s in snapshot.notifications:
+            if s.id in self._live or (s.integrator, s.cancellation_token) in self._tokens:
+                continue
+            agent = self._agents.get(s.agent_id)
+            if agent is None:
+                agent = self._agents[s.agent_id] = _Agent(s.agent_id, grace_deadline=grace)
+                self._push(grace, _GRACE, agent)
+            n = _Notification(
+                id=s.id, agent=agent, key=s.integrator, owner=None, request_id=s.request_id,
+                token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
+                template=s.template, title=s.title, fields=s.fields, state=State(s.state),
+                deadline=s.deadline, frame=s.frame,
+            )
+            self._live[n.id] = n
+            self._tokens[(n.key, n.token)] = n
+            if n.state is State.DISPLAYED and n.frame is not None:
+                agent.displayed.append(n)
+                self._push(n.deadline, _DISPLAY, n)
+            else:
+                n.state = State.QUEUED
+                agent.queue.append(n)
+                self._push(n.deadline, _QUEUE, n)
+        for agent in self._agents.values():
+            agent.queued_sent = len(agent.queue)
+            self._display_next(agent, now)
+        return self._flush()
 
     # ------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State as WsState
 
 from protocol import Ended, Engine, Send
+from protocol import Snapshot
 from protocol import frames as f
 
 from .auth import AgentTokens, ApiKeys
@@ -157,6 +158,7 @@ class DeskpushServer:
             server_header="deskpush",
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._restore_state()
 
     async def close(self) -> None:
         """Close every connection with 1001 (going away) and stop."""
@@ -166,6 +168,7 @@ class DeskpushServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._save_state()
 
     async def serve_forever(self) -> None:
         await self._server.serve_forever()
@@ -180,6 +183,37 @@ class DeskpushServer:
     def now(self) -> float:
         """Server time in epoch milliseconds, advancing with the monotonic clock."""
         return self._epoch0 + (self._loop.time() - self._mono0) * 1000.0
+
+    # ------------------------------------------------------------------
+    # Pending notifications across a restart
+
+    def _restore_state(self) -> None:
+        path = self.config.server.state_file
+        if not path:
+            return
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            snapshot = msgspec.json.decode(data, type=Snapshot)
+        except msgspec.MsgspecError as exc:
+            log.error("ignoring state file %s: %s", path, exc)
+            return
+        self._apply(self.engine.restore(snapshot, self.now()))
+        # Taken back: a crash from here on must not bring these back twice.
+        Path(path).unlink(missing_ok=True)
+        log.info("restored %d pending notifications from %s", len(snapshot.notifications), path)
+
+    def _save_state(self) -> None:
+        path = self.config.server.state_file
+        if not path:
+            return
+        snapshot = self.engine.snapshot(self.now())
+        tmp = Path(f"{path}.tmp")
+        tmp.write_bytes(msgspec.json.encode(snapshot))
+        tmp.replace(path)
+        log.info("saved %d pending notifications to %s", len(snapshot.notifications), path)
 
     # ------------------------------------------------------------------
     # Effects and the one timer

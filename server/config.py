@@ -51,6 +51,9 @@ class ServerSection(_Section):
     integrator_burst: Annotated[float, Meta(ge=1)] = 40000.0
     # Serve the demo agent desktop and integrator page at / .
     demo: bool = True
+    # Where pending notifications are saved on shutdown and taken back on start,
+    # so a restart or rolling deploy does not lose offers. None: memory only.
+    state_file: str | None = None
 
 
 class ApiKey(_Section):
