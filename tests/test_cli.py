@@ -1,0 +1,149 @@
+"""The command line as a new user meets it: `deskpush serve`, `deskpush token`, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from websockets.asyncio.client import connect
+
+from server import config as cfg
+from server.auth import AgentTokens
+from server.cli import main
+
+from .conftest import UNIT, recv_json, send_json
+
+
+async def start_cli(*args: str, env: dict | None = None) -> tuple[asyncio.subprocess.Process, dict]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "serve", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    printed = {}
+    async with asyncio.timeout(20 * UNIT):
+        while "key" not in printed:
+            line = (await proc.stdout.readline()).decode()
+            assert line, (await proc.stderr.read()).decode()
+            if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line):
+                printed["port"] = int(m.group(1))
+            if m := re.search(r"agent desktop:\s+(http://\S+)#token=(\S+)", line):
+                printed["page"], printed["token"] = m.groups()
+            if m := re.search(r"integrator (?:key|keys):\s+(\S+)", line):
+                printed["key"] = m.group(1)
+    return proc, printed
+
+
+async def test_serve_with_no_arguments_prints_what_to_connect_with_and_stops_cleanly():
+    proc, printed = await start_cli(env={"DESKPUSH_JWT_SECRET": "", "DESKPUSH_API_KEY": ""})
+    try:
+        port = printed["port"]
+        agent = await connect(f"ws://127.0.0.1:{port}/agent")
+        await send_json(agent, {"type": "hello", "token": printed["token"]})
+        assert (await recv_json(agent))["agentId"] == "agent-1"
+        ig = await connect(f"ws://127.0.0.1:{port}/integrator",
+                           additional_headers={"Authorization": f"Bearer {printed['key']}"})
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-1", "progress": False,
+                             "input": {"templateName": "msdyn_chat_incoming_unauthenticated",
+                                       "templateParameters": {}}})
+        card = await recv_json(agent)
+        await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
+        assert (await recv_json(ig))["value"] == {"actionName": "Accept", "responseReason": "Accept"}
+
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10 * UNIT):
+            code = await proc.wait()
+            while True:
+                try:
+                    await agent.recv()
+                except Exception:
+                    break
+        assert code == 0
+        assert agent.close_code == 1001
+        log = (await proc.stderr.read()).decode()
+        # One INFO line per outcome, carrying the ids.
+        line = next(ln for ln in log.splitlines() if "outcome" in ln)
+        assert f"notificationId={card['notificationId']}" in line
+        assert "agentId=agent-1" in line and "actionName=Accept responseReason=Accept" in line
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_refuses_a_port_in_use():
+    proc, printed = await start_cli()
+    try:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "serve", "--port", str(printed["port"]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(20 * UNIT):
+            out, err = await second.communicate()
+        assert second.returncode == 1
+        assert b"cannot listen" in err
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def test_token_command_uses_the_configured_secret(capsys, monkeypatch):
+    monkeypatch.setenv("DESKPUSH_JWT_SECRET", "cli-secret-" + "z" * 32)
+    assert main(["token", "agent-9", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert AgentTokens("cli-secret-" + "z" * 32).verify(token) == "agent-9"
+
+
+def test_token_command_without_a_secret_says_what_to_set(capsys, monkeypatch):
+    monkeypatch.delenv("DESKPUSH_JWT_SECRET", raising=False)
+    monkeypatch.delenv("DESKPUSH_CONFIG", raising=False)
+    assert main(["token", "agent-9"]) == 2
+    assert "DESKPUSH_JWT_SECRET" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[limits]\nqueueLimit = 'ten'\n", "Expected `int`, got `str` - at `$.limits.queueLimit`"),
+        ("[server]\nprot = 1\n", "unknown field `prot` - at `$.server`"),
+        ("[[templates]]\ntitle = 'x'\n", "missing required field `name` - at `$.templates[0]`"),
+        ("[limits\n", "not valid TOML"),
+        ("[[templates]]\nname='a'\ntitle='x'\n[[templates]]\nname='a'\ntitle='y'\n", "template defined twice: a"),
+    ],
+)
+def test_config_errors_name_the_bad_key(tmp_path, toml, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(cfg.ConfigError) as exc:
+        cfg.load(path)
+    assert needle in str(exc.value)
+
+
+def test_config_templates_extend_the_builtins(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        "[limits]\ndisplayLimit = 2\n"
+        "[[templates]]\nname = 'msdyn_chat_incoming_unauthenticated'\ntitle = 'Chat!'\ntimeout = 30\n"
+        "[[templates]]\nname = 'callback'\ntitle = 'Call back {customerName}'\nautoAccept = true\n"
+        "fields = [{header = 'Phone', value = '{phone}'}]\n"
+    )
+    config = cfg.load(path)
+    templates = config.template_map()
+    assert config.limits.display_limit == 2
+    assert templates["msdyn_chat_incoming_unauthenticated"].title == "Chat!"
+    assert templates["callback"].auto_accept and templates["callback"].fields[0].value == "{phone}"
+    assert "msdyn_chat_transfer" in templates
+
+
+def test_bad_config_file_exits_2_with_the_message(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nport = 'x'\n")
+    proc = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "$.server.port" in proc.stderr
