@@ -495,7 +495,14 @@ class Engine:
         return ref.state is State.QUEUED and ref.deadline == when
 
     def _push(self, when: float, kind: int, ref: Any) -> None:
-        heapq.heappush(self._heap, (when, next(self._seq), kind, ref))
+        heap = self._heap
+        # Timers of notifications that ended early stay in the heap until they
+        # surface; drop them in one sweep when they outnumber the live ones, so
+        # memory follows what is pending, not the rate of offers.
+        if len(heap) > 4096 and len(heap) > 2 * (len(self._live) + len(self._agents)):
+            heap[:] = [e for e in heap if self._timer_valid(e[0], e[2], e[3])]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, next(self._seq), kind, ref))
 
     def _grace_expired(self, agent: _Agent, now: float) -> None:
         agent.grace_deadline = None

@@ -1,0 +1,21 @@
+"""Memory follows what is pending, not how many offers went through."""
+
+from protocol import BUILTIN_TEMPLATES, Engine, Limits
+from protocol import frames as f
+
+
+def test_timer_heap_and_recent_outcomes_stay_bounded():
+    engine = Engine({t.name: t for t in BUILTIN_TEMPLATES}, Limits(recent_outcomes=500))
+    engine.agent_connected("a", "agent", "s", 0.0)
+    engine.integrator_connected("i", "crm", 0.0)
+    inp = f.NotifyInput(template_name="msdyn_chat_incoming_unauthenticated")
+    for i in range(20_000):
+        now = float(i)
+        effects = engine.integrator_frame("i", f.NotifyEvent(request_id=str(i), agent_id="agent", input=inp), now)
+        nid = next(e.frame.notification_id for e in effects if isinstance(e.frame, f.Notification))
+        engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), now)
+    assert engine.outcomes == 20_000
+    # Each accepted offer left a display timer behind; they are swept.
+    assert len(engine._heap) <= 4097
+    assert len(engine._recent) == 500
+    assert engine.next_deadline() is None
