@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
             key_shown = generated_key
         else:
-            lines.append(f"  integrator keys:   {', '.join(keys)} (from config)")
+            lines.append(f"  integrator keys:   {', '.join(keys)} (from the config or {API_KEY_ENV})")
             key_shown = "<your key>"
         if config.server.demo:
             lines.append(f"  integrator page:   {http}/integrator.html#apiKey={key_shown}&agentId={agent}")

@@ -90,6 +90,10 @@ class Config(_Section):
     def api_keys(self) -> dict[str, str]:
         """Integrator keys as {name: key}; DESKPUSH_API_KEY adds one named "default"."""
         keys: dict[str, str] = {}
+        names = [k.name for k in self.auth.integrator_keys]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"integrator key name used twice: {', '.join(dupes)} - at $.auth.integratorKeys")
         for k in self.auth.integrator_keys:
             value = k.key or (os.environ.get(k.key_env) if k.key_env else None)
             if not value:
@@ -123,7 +127,10 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{path}: template defined twice: {', '.join(dupes)} - at $.templates")
-    config.api_keys()  # validates keyEnv references early
+    try:
+        config.api_keys()  # validates key names and keyEnv references early
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return config
 
 

@@ -147,3 +147,11 @@ def test_bad_config_file_exits_2_with_the_message(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "$.server.port" in proc.stderr
+
+
+def test_integrator_key_names_must_be_unique(tmp_path):
+    path = tmp_path / "keys.toml"
+    path.write_text("[[auth.integratorKeys]]\nname='crm'\nkey='a'\n[[auth.integratorKeys]]\nname='crm'\nkey='b'\n")
+    with pytest.raises(cfg.ConfigError) as exc:
+        cfg.load(path)
+    assert "integrator key name used twice: crm" in str(exc.value) and str(path) in str(exc.value)
