@@ -1,0 +1,274 @@
+// The load generator: agents and one integrator in one Node.js process, speaking either deskpush's
+// wire protocol with `ws` ("raw": deskpush and the floor) or Socket.IO with socket.io-client ("sio").
+//
+//   node bench/gen.js '{"proto":"raw","workload":"offer","url":"http://127.0.0.1:8000",...}'
+//
+// It prints JSON lines: {"mark":"start"} and {"mark":"end"} around the measured window (bench/run.py
+// samples the server's and this process's CPU and memory when it reads them), then {"result":{...}}.
+// Latencies are measured here, on one clock (performance.now()); lateness against a server's
+// `expiresAt` uses the wall clock (performance.timeOrigin + performance.now()).
+"use strict";
+const crypto = require("node:crypto");
+const { performance } = require("node:perf_hooks");
+const WebSocket = require("ws");
+const { io } = require("socket.io-client");
+
+const cfg = JSON.parse(process.argv[2]);
+const TEMPLATE = "msdyn_chat_incoming_unauthenticated";
+const PARAMS = { customerName: "Jane Doe", queueName: "Billing" };
+const now = () => performance.now();
+const wallMs = () => performance.timeOrigin + performance.now();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const say = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+
+function b64(obj) {
+  return Buffer.from(JSON.stringify(obj)).toString("base64url");
+}
+function token(agentId) {
+  const t = Math.floor(Date.now() / 1000);
+  const body = b64({ alg: "HS256", typ: "JWT" }) + "." + b64({ sub: agentId, iat: t, exp: t + 3600 });
+  return body + "." + crypto.createHmac("sha256", cfg.secret).update(body).digest("base64url");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients. An agent calls h.notification(frame, answer) and h.resolved(frame); connect resolves
+// when the agent is welcomed. An integrator has notify(req, cb) and cancel(token, cb).
+
+const SIO_OPTS = { transports: ["websocket"], forceNew: true, reconnection: false, perMessageDeflate: false, timeout: 60000 };
+
+function rawAgent(id, tok, h) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(cfg.url.replace("http", "ws") + "/agent", { perMessageDeflate: false, handshakeTimeout: 60000 });
+    let welcomed = false;
+    ws.on("open", () => ws.send(JSON.stringify({ type: "hello", token: tok })));
+    ws.on("message", (data) => {
+      const m = JSON.parse(data);
+      if (m.type === "notification") {
+        h.notification(m, (action) => ws.send(JSON.stringify({ type: "respond", notificationId: m.notificationId, action })));
+      } else if (m.type === "resolved") {
+        h.resolved(m);
+      } else if (m.type === "welcome") {
+        welcomed = true;
+        resolve(ws);
+      }
+    });
+    ws.on("error", (e) => { if (!welcomed) reject(e); });
+    ws.on("close", (code) => { if (!welcomed) reject(new Error(`closed ${code} before welcome`)); });
+  });
+}
+
+function sioAgent(id, tok, h) {
+  return new Promise((resolve, reject) => {
+    const s = io(cfg.url, { ...SIO_OPTS, auth: { token: tok } });
+    s.on("notification", (m, ack) => h.notification(m, (action) => ack({ action })));
+    s.on("resolved", (m) => h.resolved(m));
+    s.on("connect", () => resolve(s));
+    s.on("connect_error", (e) => { s.close(); reject(e); });
+  });
+}
+
+function rawIntegrator(onStatus) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(cfg.url.replace("http", "ws") + "/integrator", {
+      perMessageDeflate: false,
+      headers: { Authorization: `Bearer ${cfg.apiKey}` },
+    });
+    const pending = new Map();
+    let seq = 0;
+    ws.on("message", (data) => {
+      const m = JSON.parse(data);
+      if (m.type === "status") return onStatus(m);
+      const cb = pending.get(m.requestId);
+      if (cb === undefined) return;
+      pending.delete(m.requestId);
+      cb(m.type === "result" ? m.value : { error: m.error });
+    });
+    ws.on("error", reject);
+    ws.on("open", () => resolve({
+      notify(req, cb) {
+        const requestId = req.correlationId;
+        pending.set(requestId, cb);
+        ws.send(JSON.stringify({ type: "notifyEvent", requestId, ...req }));
+      },
+      cancel(cancellationToken, cb) {
+        const requestId = `c${++seq}`;
+        pending.set(requestId, cb);
+        ws.send(JSON.stringify({ type: "cancelEvent", requestId, cancellationToken }));
+      },
+    }));
+  });
+}
+
+function sioIntegrator() {
+  return new Promise((resolve, reject) => {
+    const s = io(cfg.url, { ...SIO_OPTS, auth: { apiKey: cfg.apiKey } });
+    s.on("connect_error", reject);
+    s.on("connect", () => resolve({
+      notify(req, cb) { s.emit("notify", req, cb); },
+      cancel(cancellationToken, cb) { s.emit("cancel", { cancellationToken }, cb); },
+    }));
+  });
+}
+
+const connectAgent = cfg.proto === "sio" ? sioAgent : rawAgent;
+const connectIntegrator = cfg.proto === "sio" ? sioIntegrator : rawIntegrator;
+
+// Agents connect at most cfg.burst at a time: each one welcomed lets the next start. A failed
+// connection is retried after a pause, as a reconnecting client does.
+async function connectAll(n, h) {
+  const ids = Array.from({ length: n }, (_, i) => `agent-${i}`);
+  const tokens = ids.map(token);
+  const conns = new Array(n);
+  let retries = 0, next = 0;
+  const worker = async () => {
+    while (next < n) {
+      const i = next++;
+      for (let attempt = 0; ; attempt++) {
+        try {
+          conns[i] = await connectAgent(ids[i], tokens[i], h);
+          break;
+        } catch (e) {
+          if (attempt >= 5) throw new Error(`agent ${ids[i]}: ${e.message}`);
+          retries++;
+          await sleep(100 * (attempt + 1));
+        }
+      }
+    }
+  };
+  const start = now();
+  await Promise.all(Array.from({ length: Math.min(n, cfg.burst) }, worker));
+  return { ids, conns, seconds: (now() - start) / 1000, retries };
+}
+
+function pct(samples, p) {
+  if (samples.length === 0) return null;
+  const a = Float64Array.from(samples).sort();
+  return a[Math.min(a.length - 1, Math.floor((p / 100) * a.length))];
+}
+function summary(samples) {
+  return { min: pct(samples, 0), p50: pct(samples, 50), p99: pct(samples, 99), max: pct(samples, 100), n: samples.length };
+}
+
+function offerRequest(agentId, seq, extra = {}) {
+  const req = { agentId, input: { templateName: TEMPLATE, templateParameters: PARAMS }, correlationId: `r${seq}`, ...extra };
+  if (cfg.proto === "raw" && !cfg.progress) req.progress = false;
+  return req;
+}
+
+// A closed loop: cfg.inflight slots, each sending its next offer when the last one's result is in,
+// to agents chosen so that no agent has two offers at once. Counts only inside the window.
+function loopState() {
+  return { counting: false, running: true, active: cfg.inflight };
+}
+async function window(fire, state) {
+  for (let slot = 0; slot < cfg.inflight; slot++) fire(slot, 0, state);
+  await sleep(cfg.warmup * 1000);
+  say({ mark: "start" });
+  state.counting = true;
+  const t0 = now();
+  await sleep(cfg.seconds * 1000);
+  state.counting = false;
+  const seconds = (now() - t0) / 1000;
+  say({ mark: "end" });
+  state.running = false;
+  const deadline = now() + 10000;
+  while (state.active > 0 && now() < deadline) await sleep(20);
+  return { seconds, stuck: state.active };
+}
+
+async function offer() {
+  const h = { notification: (m, answer) => answer("Accept"), resolved: () => {} };
+  const agents = await connectAll(cfg.agents, h);
+  const integ = await connectIntegrator(() => {});
+  const lat = [];
+  let outcomes = 0, errors = 0, seq = 0;
+  const fire = (slot, k, st) => {
+    const agentId = agents.ids[(slot + k * cfg.inflight) % cfg.agents];
+    const t = now();
+    integ.notify(offerRequest(agentId, ++seq), (value) => {
+      if (st.counting) {
+        if (value.actionName === "Accept") { outcomes++; lat.push(now() - t); } else errors++;
+      }
+      if (st.running) fire(slot, k + 1, st); else st.active--;
+    });
+  };
+  const w = await window(fire, loopState());
+  return { outcomes, outcomesPerSec: outcomes / w.seconds, latencyMs: summary(lat), errors, ...w };
+}
+
+async function storm() {
+  const h = { notification: () => {}, resolved: () => {} };
+  say({ mark: "start" });
+  const agents = await connectAll(cfg.agents, h);
+  say({ mark: "end" });
+  return { welcomed: agents.conns.length, seconds: agents.seconds, retries: agents.retries };
+}
+
+async function timeouts() {
+  const expires = new Map(); // requestId (sent as correlationId) -> expiresAt
+  const h = { notification: (m) => expires.set(m.correlationId, m.expiresAt), resolved: () => {} };
+  const agents = await connectAll(cfg.agents, h);
+  const integ = await connectIntegrator(() => {});
+  const total = cfg.agents * cfg.perAgent;
+  const late = [];
+  const outcomes = {};
+  let done = 0, unmatched = 0, finished;
+  const allDone = new Promise((r) => (finished = r));
+  say({ mark: "start" });
+  const t0 = now();
+  for (let i = 0; i < total; i++) {
+    const rid = `r${i}`;
+    integ.notify(offerRequest(agents.ids[i % cfg.agents], i, { input: { templateName: "bench_timeout", templateParameters: PARAMS } }), (value) => {
+      const at = wallMs();
+      const key = value.actionName ? `${value.actionName}/${value.responseReason}` : `error:${value.error && value.error.message}`;
+      outcomes[key] = (outcomes[key] || 0) + 1;
+      const exp = expires.get(rid);
+      if (exp === undefined) unmatched++; else late.push(at - exp);
+      if (++done === total) finished();
+    });
+    if (i % 500 === 499) await new Promise((r) => setImmediate(r));
+  }
+  const sendSeconds = (now() - t0) / 1000;
+  await Promise.race([allDone, sleep((cfg.timeout + 60) * 1000)]);
+  say({ mark: "end" });
+  return { sent: total, results: done, sendSeconds, latenessMs: summary(late), outcomes, unmatched };
+}
+
+async function cancels() {
+  const started = new Map(); // notificationId -> when cancelEvent was sent
+  const lat = [];
+  const st = loopState();
+  let integ;
+  const cancel = (notificationId, tok) => {
+    started.set(notificationId, now());
+    integ.cancel(tok, () => {});
+  };
+  const h = {
+    // Peers without progress frames: cancel as soon as the agent has the offer.
+    notification: (m) => { if (cfg.cancelOn === "notification") cancel(m.notificationId, `t-${m.correlationId}`); },
+    resolved: (m) => {
+      const t = started.get(m.notificationId);
+      if (t === undefined) return;
+      started.delete(m.notificationId);
+      if (st.counting) lat.push(now() - t);
+    },
+  };
+  const agents = await connectAll(cfg.agents, h);
+  integ = await connectIntegrator((s) => { if (s.state === "displayed") cancel(s.notificationId, s.cancellationToken); });
+  let seq = 0, cancelled = 0, other = 0;
+  const fire = (slot, k, st) => {
+    const n = ++seq;
+    const agentId = agents.ids[(slot + k * cfg.inflight) % cfg.agents];
+    integ.notify(offerRequest(agentId, n, { cancellationToken: `t-r${n}` }), (value) => {
+      if (st.counting) { if (value.actionName === "Cancel") cancelled++; else other++; }
+      if (st.running) fire(slot, k + 1, st); else st.active--;
+    });
+  };
+  const w = await window(fire, st);
+  return { cancelled, cancelsPerSec: cancelled / w.seconds, latencyMs: summary(lat), other, ...w };
+}
+
+const WORKLOADS = { offer, storm, timeout: timeouts, cancel: cancels };
+WORKLOADS[cfg.workload]()
+  .then((result) => { say({ result }); process.exit(0); })
+  .catch((e) => { process.stderr.write(`gen: ${e.stack || e}\n`); process.exit(1); });

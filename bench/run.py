@@ -1,0 +1,625 @@
+"""deskpush's benchmarks against its peers: one command, one table.
+
+    python -m bench.run                  # everything, 3 runs (a few minutes on 2 cores)
+    python -m bench.run --quick          # tiny counts, 1 run: a smoke run (under a minute)
+    python -m bench.run --only offer --runs 5 --servers deskpush,floor
+
+Each server under test runs as its own process on 127.0.0.1 (a free port) and is
+driven by a load generator in another process (bench/gen.js, Node.js with ``ws``
+and socket.io-client; or bench/gen_py.py, pure Python, for the deskpush/floor
+offer workload only). The generator prints ``{"mark": "start"}`` and
+``{"mark": "end"}`` around the measured window; this harness samples the
+server's and the generator's CPU seconds (/proc/PID/stat) and the server's RSS
+(/proc/PID/status VmRSS, VmHWM) when it reads them. Each figure is the median of
+the runs with min-max; ratios are taken pair by pair within a run, then summarised
+the same way. Writes the table, the machine and the date to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SECRET = "bench-secret-" + secrets.token_hex(16)
+API_KEY = "bench-key-" + secrets.token_hex(8)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# ---------------------------------------------------------------------------
+# Workloads and servers
+
+FULL = {
+    "offer": {"agents": 200, "inflight": 100, "seconds": 10.0, "warmup": 1.0},
+    "storm": {"agents": 9000},
+    "timeout": {"agents": 2000, "perAgent": 10, "timeout": 2.0},
+    "cancel": {"agents": 200, "inflight": 100, "seconds": 4.0, "warmup": 1.0},
+}
+QUICK = {
+    "offer": {"agents": 6, "inflight": 3, "seconds": 1.0, "warmup": 0.3},
+    "storm": {"agents": 400},
+    "timeout": {"agents": 100, "perAgent": 10, "timeout": 2.0},
+    "cancel": {"agents": 6, "inflight": 3, "seconds": 1.0, "warmup": 0.3},
+}
+BURST = 200  # at most this many agents connecting at once
+WORKLOADS = list(FULL)
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    title: str
+    proto: str  # "raw" (deskpush's wire protocol) or "sio" (Socket.IO)
+    workloads: tuple[str, ...]
+    progress: bool = False
+
+
+SERVERS = [
+    Server("deskpush", "deskpush", "raw", ("offer", "storm", "timeout", "cancel")),
+    Server("deskpush-progress", "deskpush +progress", "raw", ("offer",), progress=True),
+    Server("floor", "floor", "raw", ("offer", "storm", "timeout", "cancel")),
+    Server("socketio", "Socket.IO (Node)", "sio", ("offer", "storm", "timeout", "cancel")),
+    Server("pysio", "python-socketio", "sio", ("offer", "storm", "timeout", "cancel")),
+]
+BY_NAME = {s.name: s for s in SERVERS}
+DEFAULT_SERVERS = ",".join(s.name for s in SERVERS)
+PEERS = ["floor", "socketio", "pysio"]  # deskpush's ratio is taken to each
+
+# (workload, key, label, target) ; the key names a figure computed by figures()
+METRICS = [
+    ("offer", "rate", "offer: outcomes/s", {"floor": (">=", 0.8), "socketio": (">=", 1.0), "pysio": (">=", 4.0)}),
+    ("offer", "p50", "offer: p50 ms", None),
+    ("offer", "p99", "offer: p99 ms", {"floor": ("<=", 1.5)}),
+    ("offer", "cpu_us", "offer: server CPU µs/outcome", None),
+    ("offer", "cpu_pct", "offer: server CPU % of a core", None),
+    ("offer", "hwm_mib", "offer: server peak RSS MiB", None),
+    ("offer", "gen_pct", "offer: generator CPU % of a core", None),
+    ("storm", "seconds", "storm: s until all welcomed", {"floor": ("<=", 1.2), "abs": ("<", 4.0)}),
+    ("storm", "kib_agent", "storm: KiB RSS per agent", {"abs": ("<=", 24.0)}),
+    ("storm", "cpu_s", "storm: server CPU s", None),
+    ("storm", "overflows", "storm: listen queue overflows", None),
+    ("storm", "gen_pct", "storm: generator CPU % of a core", None),
+    ("timeout", "p50", "timeout: lateness p50 ms", None),
+    ("timeout", "p99", "timeout: lateness p99 ms", {"abs": ("<=", 50.0)}),
+    ("timeout", "max", "timeout: lateness max ms", {"abs": ("<=", 200.0)}),
+    ("timeout", "gen_pct", "timeout: generator CPU % of a core", None),
+    ("cancel", "rate", "cancel: cancels/s", None),
+    ("cancel", "p50", "cancel: cancel->resolved p50 ms", None),
+    ("cancel", "p99", "cancel: cancel->resolved p99 ms", None),
+    ("cancel", "cpu_us", "cancel: server CPU µs/cancel", None),
+    ("cancel", "gen_pct", "cancel: generator CPU % of a core", None),
+]
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+def raise_nofile(need: int) -> None:
+    """Raise our RLIMIT_NOFILE to the hard limit; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise BenchError(f"need {need} file descriptors per process, the hard limit is {soft}: "
+                         f"raise it (ulimit -Hn, or /etc/security/limits.conf) or use --quick")
+
+
+def py_spy() -> str | None:
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_sample(pid: int) -> dict[str, float]:
+    """CPU seconds (all threads), RSS and peak RSS (KiB) of a live process."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    out = {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK, "t": time.monotonic()}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = float(line.split()[1])
+    return out
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (whole machine)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for head, values in zip(lines[::2], lines[1::2]):
+        if head.startswith("TcpExt:"):
+            return int(dict(zip(head.split(), values.split())).get("ListenOverflows", 0))
+    return 0
+
+
+def deskpush_config(path: Path, workload: str) -> None:
+    display_limit = 10 if workload == "timeout" else 1
+    path.write_text(f"""\
+# Written by bench/run.py. Every feature stays on; only limits a benchmark would trip are raised.
+[server]
+host = "127.0.0.1"
+port = 0
+agentRate = 1000.0        # the offer workload answers ~50 offers/s per agent, the default rate
+agentBurst = 2000.0
+integratorRate = 1000000.0  # the timeout storm sends 20,000 notifyEvents at once
+integratorBurst = 1000000.0
+
+[limits]
+displayLimit = {display_limit}
+queueLimit = 100
+
+[auth]
+jwtSecret = "{SECRET}"
+
+[[auth.integratorKeys]]
+name = "bench"
+key = "{API_KEY}"
+
+[[templates]]
+name = "bench_timeout"
+title = "New chat request"
+timeout = 2.0
+fields = [{{ header = "Customer", value = "{{customerName}}" }},
+          {{ header = "Queue", value = "{{queueName}}" }},
+          {{ header = "Comment", value = "{{comment}}" }}]
+""")
+
+
+class Running:
+    """A server under test, started on a free port; stop() ends it."""
+
+    def __init__(self, server: Server, workload: str, tmp: Path, profile: Path | None = None) -> None:
+        self.port = free_port()
+        self.log = tmp / f"{server.name}-{workload}.log"
+        env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+        py = sys.executable
+        if server.name.startswith("deskpush"):
+            cfg = tmp / f"deskpush-{workload}.toml"
+            deskpush_config(cfg, workload)
+            cmd = [py, "-m", "server", "serve", "--config", str(cfg), "--port", str(self.port), "--log-level", "INFO"]
+        elif server.name == "floor":
+            cmd = [py, str(BENCH / "peers" / "floor.py"), "--port", str(self.port)]
+        elif server.name == "socketio":
+            cmd = ["node", str(BENCH / "peers" / "socketio_server.js"), str(self.port)]
+        else:
+            cmd = [py, str(BENCH / "peers" / "pysio_server.py"), "--port", str(self.port)]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{server.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BenchError(f"{server.name} did not listen within 30 s:\n{self.tail()}")
+                time.sleep(0.05)
+        time.sleep(0.3)  # let it settle before the idle sample
+        self.idle = proc_sample(self.pid)
+        self.spy = None
+        if profile is not None and server.name != "socketio":
+            # Collapsed stacks ("raw"), one line per stack with its sample count; written when the server exits.
+            profile.mkdir(parents=True, exist_ok=True)
+            out = profile / f"{server.name}-{workload}.txt"
+            self.spy = subprocess.Popen([py_spy(), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
+                                         "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.spy is not None:
+            self.spy.wait(30)
+
+
+def run_generator(gen: str, params: dict, server: Running, timeout: float) -> tuple[dict, dict, dict]:
+    """Run one generator process; returns (result, samples at marks, generator samples at marks)."""
+    if gen == "node":
+        cmd = ["node", str(BENCH / "gen.js"), json.dumps(params)]
+    else:
+        cmd = [sys.executable, str(BENCH / "gen_py.py"), json.dumps(params)]
+    proc = subprocess.Popen(cmd, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    marks: dict[str, dict] = {}
+    gmarks: dict[str, dict] = {}
+    result = None
+    try:
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if "mark" in msg:
+                marks[msg["mark"]] = proc_sample(server.pid) | {"overflows": listen_overflows()}
+                gmarks[msg["mark"]] = proc_sample(proc.pid)
+            elif "result" in msg:
+                result = msg["result"]
+        proc.wait()
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    if result is None or set(marks) != {"start", "end"}:
+        why = "timed out" if proc.returncode == -signal.SIGKILL else f"exit {proc.returncode}"
+        raise BenchError(f"generator {why}: {''.join(errors).strip()[-2000:]}\nserver log:\n{server.tail()}")
+    return result, marks, gmarks
+
+
+def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -> tuple[dict, list[str]]:
+    """The table's figures for one measured run, and any problems it showed."""
+    wall = m["end"]["t"] - m["start"]["t"]
+    cpu = m["end"]["cpu"] - m["start"]["cpu"]
+    out = {"gen_pct": 100 * (g["end"]["cpu"] - g["start"]["cpu"]) / wall if wall > 0 else 0.0}
+    problems = []
+    if workload == "offer":
+        n = r["outcomes"]
+        out |= {"rate": r["outcomesPerSec"], "p50": r["latencyMs"]["p50"], "p99": r["latencyMs"]["p99"],
+                "cpu_us": 1e6 * cpu / n if n else float("nan"), "cpu_pct": 100 * cpu / wall,
+                "hwm_mib": m["end"]["VmHWM"] / 1024, "outcomes": n}
+        if r["errors"] or not n:
+            problems.append(f"{r['errors']} offers did not end with Accept, {n} did")
+    elif workload == "storm":
+        out |= {"seconds": r["seconds"], "kib_agent": (m["end"]["VmHWM"] - idle["VmRSS"]) / agents, "cpu_s": cpu,
+                "overflows": m["end"]["overflows"] - m["start"]["overflows"]}
+        if r["welcomed"] != agents:
+            problems.append(f"only {r['welcomed']} of {agents} welcomed")
+        if r["retries"]:
+            problems.append(f"{r['retries']} connection attempts retried")
+    elif workload == "timeout":
+        lat = r["latenessMs"]
+        out |= {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"]}
+        bad = {k: v for k, v in r["outcomes"].items() if k != "Timeout/DisplayTimeout"}
+        if bad or r["results"] != r["sent"] or r["unmatched"]:
+            problems.append(f"{r['results']}/{r['sent']} results, other outcomes {bad}, unmatched {r['unmatched']}")
+    elif workload == "cancel":
+        n = r["cancelled"]
+        out |= {"rate": r["cancelsPerSec"], "p50": r["latencyMs"]["p50"], "p99": r["latencyMs"]["p99"],
+                "cpu_us": 1e6 * cpu / n if n else float("nan")}
+        if r["other"] or not n:
+            problems.append(f"{r['other']} offers did not end with Cancel, {n} did")
+    return out, problems
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+def fmt(x: float | None) -> str:
+    if x is None or x != x:
+        return "-"
+    a = abs(x)
+    if a >= 100 or isinstance(x, int):
+        return f"{x:,.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def spread(values: list[float], unit: str = "") -> str:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{fmt(med)}{unit}"
+    return f"{fmt(med)}{unit} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def ratios(results: dict, workload: str, key: str, peer: str) -> list[float]:
+    """deskpush / peer for one figure, pair by pair within each run."""
+    out = []
+    for run in results:
+        a = run.get((workload, "deskpush"), {}).get(key)
+        b = run.get((workload, peer), {}).get(key)
+        if a is not None and b:
+            out.append(a / b)
+    return out
+
+
+def verdict(results: list[dict], workload: str, key: str, target: dict | None, servers: list[str]) -> tuple[str, str]:
+    """The target's text and whether deskpush's median (or median ratio) meets it."""
+    if not target or "deskpush" not in servers:
+        return "", ""
+    texts, checks = [], []
+    for who, (op, bound) in target.items():
+        if who != "abs" and who not in servers:
+            continue
+        if who == "abs":
+            values = [run[(workload, "deskpush")][key] for run in results if (workload, "deskpush") in run]
+            got = statistics.median(values) if values else None
+            texts.append(f"{op} {fmt(bound)}")
+            label = fmt(got)
+        else:
+            rs = ratios(results, workload, key, who)
+            got = statistics.median(rs) if rs else None
+            texts.append(f"{op} {bound:g}× {BY_NAME[who].title}")
+            label = f"{fmt(got)}× {BY_NAME[who].title}"
+        if got is None:
+            checks.append(f"n/a ({label})")
+        else:
+            ok = got >= bound if op == ">=" else got <= bound if op == "<=" else got < bound
+            checks.append(("yes" if ok else "NO") + f" ({label})")
+    return "; ".join(texts), "; ".join(checks)
+
+
+def table(results: list[dict], servers: list[str], workloads: list[str]) -> str:
+    peers = [p for p in PEERS if p in servers and "deskpush" in servers]
+    head = ["figure"] + [BY_NAME[s].title for s in servers] + [f"deskpush ÷ {BY_NAME[p].title}" for p in peers]
+    head += ["target", "met"]
+    rows = [head, ["---"] * len(head)]
+    for workload, key, label, target in METRICS:
+        if workload not in workloads:
+            continue
+        row = [label]
+        for s in servers:
+            row.append(spread([run[(workload, s)][key] for run in results if (workload, s) in run]))
+        for p in peers:
+            row.append(spread(ratios(results, workload, key, p), "×"))
+        row += list(verdict(results, workload, key, target, servers))
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def machine() -> list[str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    node = "-"
+    if shutil.which("node"):
+        node = subprocess.run(["node", "-v"], capture_output=True, text=True).stdout.strip()
+
+    def version(dist: str) -> str:
+        try:
+            from importlib.metadata import version as v
+            return v(dist)
+        except Exception:
+            return "-"
+
+    def npm_version(pkg: str) -> str:
+        try:
+            return json.loads((BENCH / "node_modules" / pkg / "package.json").read_text())["version"]
+        except OSError:
+            return "-"
+
+    return [
+        f"- CPU: {model}, {len(os.sched_getaffinity(0))} cores available (nproc), "
+        f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2**30} GiB RAM, {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()} (websockets {version('websockets')}, msgspec {version('msgspec')}, "
+        f"uvloop {version('uvloop')}, python-socketio {version('python-socketio')}, aiohttp {version('aiohttp')}); "
+        f"Node {node} (ws {npm_version('ws')}, socket.io {npm_version('socket.io')}, "
+        f"socket.io-client {npm_version('socket.io-client')})",
+    ]
+
+
+NOTES = """\
+## How it is measured
+
+- **Servers.** deskpush: `deskpush serve --config <generated> --log-level INFO` with every feature on: agent
+  JWTs (HS256) and an integrator API key, frame validation, templates (the built-in
+  `msdyn_chat_incoming_unauthenticated`; a `bench_timeout` template with a 2 s timeout), queue limits
+  (`displayLimit` 1, 10 for the timeout storm; `queueLimit` 100), one INFO log line per outcome (to a file).
+  Only the rate limits are raised (`agentRate` 1000/s, `integratorRate` 10^6/s) so that the load is not
+  refused. The floor (`bench/peers/floor.py`): websockets + uvloop + msgspec, forwards offers and answers with
+  one `call_later` per offer, reads the agent id from the JWT unverified, nothing else; it listens with a
+  backlog of 4096 (asyncio's default of 100 drops connections in a storm). Socket.IO on Node
+  (`bench/peers/socketio_server.js`, `socket.timeout(ms).emitWithAck()`) and python-socketio on aiohttp + uvloop
+  (`bench/peers/pysio_server.py`, `sio.call(..., timeout=...)`) verify the same JWTs and API key. Each runs
+  as its own process; no compression anywhere; Socket.IO uses the WebSocket transport only.
+- **Frames per offer.** deskpush and the floor: notifyEvent, notification, respond, result, resolved (the
+  same frames, the same sizes); `+progress` adds the two status frames. The Socket.IO peers: notify,
+  notification, ack, ack (the agent learns the outcome from its own ack, so no resolved), i.e. one
+  message fewer per offer.
+- **Generator.** `bench/gen.js`: one Node.js process holding every agent and the integrator (`ws`, or
+  socket.io-client for the Socket.IO peers). Its CPU is in the table, as % of one core over the window.
+- **Offer round trip.** 200 agents answer Accept at once; 100 notifyEvents in flight (slot *i* offers to
+  agents *i* and *i*+100 in turn, so no agent holds two); 1 s warm-up, then a 10 s window. Latency:
+  notifyEvent sent -> result received, in the generator. CPU µs/outcome: server CPU in the window / outcomes.
+- **Connection storm.** 9,000 agents, at most 200 connecting at once (each welcomed agent lets the next one
+  start; a failed one retries); seconds from the first connect to the last welcome (for Socket.IO: the
+  client's `connect`, i.e. handshake and authenticated namespace connect). RSS per agent: (peak RSS -
+  idle RSS) / 9,000. Listen queue overflows: the kernel's TcpExt ListenOverflows over the storm (whole
+  machine); each one is a client waiting 1 s or more to retransmit.
+- **Timeout storm.** 2,000 agents, 20,000 notifyEvents sent at once (10 per agent), 2 s display timeout,
+  nobody answers. Lateness: when the integrator receives the Timeout/DisplayTimeout result minus the
+  `expiresAt` (epoch ms) of that notification as its agent received it (matched by correlationId), both on
+  the machine's wall clock.
+- **Cancel storm.** 200 agents, 100 offers in flight, 1 s warm-up then a 4 s window; deskpush (progress
+  on) is cancelled on `status: displayed`; the peers send no status, so the generator cancels as soon as the
+  agent holds the offer. Latency: cancelEvent sent -> `resolved` received by the agent.
+- **Ratios** are deskpush's figure over the peer's from the same run; for latency, CPU, seconds and RSS a
+  ratio under 1 favours deskpush. Targets are judged on the medians. The machine is shared: absolute
+  figures move with whatever else runs; compare within one run.
+"""
+
+
+# ---------------------------------------------------------------------------
+# Setup and main
+
+def ensure_node(need_node: bool) -> None:
+    if not need_node:
+        return
+    if not shutil.which("node") or not shutil.which("npm"):
+        raise BenchError("node and npm are needed for the Node generator and the Socket.IO peer; "
+                         "without them run: python -m bench.run --gen python --only offer --servers deskpush,floor")
+    if not (BENCH / "node_modules" / "ws").is_dir() or not (BENCH / "node_modules" / "socket.io").is_dir():
+        verb = "ci" if (BENCH / "package-lock.json").exists() else "install"
+        print(f"bench: npm {verb} --prefix bench", file=sys.stderr)
+        subprocess.run(["npm", verb, "--prefix", str(BENCH), "--no-audit", "--no-fund"], check=True)
+
+
+def ensure_pysio(need: bool) -> None:
+    if not need:
+        return
+    try:
+        import aiohttp  # noqa: F401
+        import socketio  # noqa: F401
+    except ImportError:
+        print("bench: pip install -r bench/requirements.txt", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(BENCH / "requirements.txt")],
+                       check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny counts and 1 run: a smoke run")
+    p.add_argument("--runs", type=int, help="runs of every workload (default 3; 1 with --quick)")
+    p.add_argument("--only", action="append", choices=WORKLOADS, help="run only this workload (repeatable)")
+    p.add_argument("--servers", default=DEFAULT_SERVERS,
+                   help="comma-separated, from: " + ", ".join(s.name for s in SERVERS))
+    p.add_argument("--gen", choices=["node", "python"], default="node",
+                   help="load generator; python covers only the offer workload on deskpush and the floor")
+    p.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="markdown file to write ('-' for none)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record the Python servers with py-spy (collapsed stacks, DIR/SERVER-WORKLOAD.txt); "
+                        "its CPU figures then include the sampling's cost")
+    args = p.parse_args(argv)
+
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs or (1 if args.quick else 3)
+    workloads = args.only or WORKLOADS
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = [s for s in servers if s not in BY_NAME]
+    if unknown:
+        p.error(f"unknown server {', '.join(unknown)}")
+    servers = [s.name for s in SERVERS if s.name in servers]  # table order
+    if args.gen == "python" and (set(workloads) != {"offer"} or any(BY_NAME[s].proto != "raw" for s in servers)):
+        p.error("--gen python covers only --only offer with --servers deskpush,deskpush-progress,floor")
+
+    try:
+        raise_nofile(max(sizes[w].get("agents", 0) for w in workloads) + 200)
+        ensure_node(args.gen == "node" or "socketio" in servers)
+        ensure_pysio("pysio" in servers)
+        if args.profile and not py_spy():
+            raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+        results, problems = run_all(args.gen, sizes, runs, workloads, servers, args.profile)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+
+    text = table(results, servers, workloads)
+    print(text)
+    for line in problems:
+        print(f"problem: {line}", file=sys.stderr)
+    if args.out != "-":
+        write_results(Path(args.out), text, args, sizes, runs, workloads, problems)
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def run_all(gen: str, sizes: dict, runs: int, workloads: list[str], servers: list[str],
+            profile: Path | None = None) -> tuple[list[dict], list[str]]:
+    results: list[dict] = []
+    problems: list[str] = []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="deskpush-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for run in range(runs):
+            got: dict = {}
+            for workload in workloads:
+                todo = [s for s in servers if workload in BY_NAME[s].workloads]
+                # Rotate the order each run so that drift on a shared machine spreads over all servers.
+                k = run % len(todo) if todo else 0
+                for name in todo[k:] + todo[:k]:
+                    server = BY_NAME[name]
+                    params = {"proto": server.proto, "workload": workload, "secret": SECRET, "apiKey": API_KEY,
+                              "burst": BURST, "progress": server.progress, **sizes[workload]}
+                    if workload == "cancel":
+                        # deskpush cancels on `status: displayed`; the peers send no status, so the
+                        # generator cancels as soon as its agent holds the offer.
+                        params["cancelOn"] = "status" if name.startswith("deskpush") else "notification"
+                        params["progress"] = name.startswith("deskpush")
+                    t0 = time.monotonic()
+                    srv = Running(server, workload, tmp, profile)
+                    try:
+                        params["url"] = f"http://127.0.0.1:{srv.port}"
+                        r, m, g = run_generator(gen, params, srv, timeout=180)
+                    finally:
+                        srv.stop()
+                    fig, bad = figures(workload, r, m, g, srv.idle, sizes[workload].get("agents", 0))
+                    got[(workload, name)] = fig
+                    problems += [f"run {run + 1} {workload} {name}: {b}" for b in bad]
+                    print(f"run {run + 1}/{runs} {workload:7} {name:18} {time.monotonic() - t0:5.1f} s  "
+                          + "  ".join(f"{k}={fmt(v)}" for k, v in fig.items()), file=sys.stderr, flush=True)
+            results.append(got)
+    print(f"bench: {time.monotonic() - t_start:.0f} s in all", file=sys.stderr)
+    return results, problems
+
+
+def write_results(path: Path, text: str, args: argparse.Namespace, sizes: dict, runs: int,
+                  workloads: list[str], problems: list[str]) -> None:
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python -m bench.run" + (" --quick" if args.quick else "") + (f" --runs {args.runs}" if args.runs else "")
+    cmd += "".join(f" --only {w}" for w in (args.only or []))
+    cmd += f" --servers {args.servers}" if args.servers != DEFAULT_SERVERS else ""
+    cmd += " --gen python" if args.gen == "python" else ""
+    lines = [
+        "# deskpush benchmark results",
+        "",
+        f"`{cmd}` on {when}; {runs} run(s); each figure is the median with (min–max) over the runs, and each "
+        "ratio is deskpush's figure divided by the peer's from the same run, summarised the same way.",
+        "",
+        *machine(),
+        f"- Sizes: {json.dumps({w: sizes[w] for w in workloads})}; at most {BURST} agents connecting at once",
+        "",
+        text,
+        "",
+    ]
+    if problems:
+        lines += ["Problems seen:", "", *[f"- {x}" for x in problems], ""]
+    lines += [NOTES]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
