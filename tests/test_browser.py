@@ -1,0 +1,698 @@
+"""The agent desktop and cif.js in a real Chromium, against a real server.
+
+Playwright for Python drives Debian's Chromium (``/usr/bin/chromium``, or
+``DESKPUSH_CHROMIUM``); Playwright's own browser download is not used. One
+browser is launched per test: simple and independent of pytest-asyncio's loop
+scopes, and cheap (well under a second).
+
+``DESKPUSH_UPDATE_SCREENSHOT=1`` makes test_screenshot write
+docs/screenshot-desktop.png (otherwise it writes to a temporary directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from protocol import Limits
+from protocol.templates import FieldTemplate, Template
+from server import Config, DeskpushServer
+from server.config import ServerSection
+
+from .conftest import API_KEY, SECRET, UNIT, open_integrator, recv_json, send_json
+
+playwright_api = pytest.importorskip("playwright.async_api")
+async_playwright = playwright_api.async_playwright
+expect = playwright_api.expect
+
+CHROMIUM = os.environ.get("DESKPUSH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+# In CI a missing browser is a failure, not a skip.
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("CI") and shutil.which(CHROMIUM) is None,
+    reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set DESKPUSH_CHROMIUM)",
+)
+
+TIMEOUT_MS = 5000 * UNIT
+expect.set_options(timeout=TIMEOUT_MS)
+
+CHAT = "msdyn_chat_incoming_unauthenticated"
+_ids = itertools.count(1)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+def watch(page: Any) -> list[str]:
+    """Collect uncaught errors and console errors (CSP violations land there)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console.{msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.errors = errors  # type: ignore[attr-defined]
+    return errors
+
+
+async def open_desktop(ctx: Any, srv: DeskpushServer, agent_id: str = "agent-7") -> Any:
+    """A page of the agent desktop, signed in with a token in the fragment, connected."""
+    page = await ctx.new_page()
+    watch(page)
+    await page.goto(f"http://127.0.0.1:{srv.port}/#token={srv.tokens.issue(agent_id)}")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#agent-id")).to_have_text(agent_id)
+    return page
+
+
+def card(page: Any, nid: str) -> Any:
+    return page.locator(f'.card[data-notification-id="{nid}"]')
+
+
+class Integrator:
+    """The Python side of an integrator: sends frames, waits for the ones it wants."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def notify(
+        self,
+        agent_id: str,
+        template: str = CHAT,
+        params: dict[str, Any] | None = None,
+        token: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        rid = f"r{next(_ids)}"
+        frame: dict[str, Any] = {
+            "type": "notifyEvent",
+            "requestId": rid,
+            "agentId": agent_id,
+            "input": {"templateName": template, "templateParameters": params or {}},
+        }
+        if token:
+            frame["cancellationToken"] = token
+        if correlation_id:
+            frame["correlationId"] = correlation_id
+        await send_json(self.ws, frame)
+        return rid
+
+    async def cancel(self, token: str) -> str:
+        rid = f"r{next(_ids)}"
+        await send_json(self.ws, {"type": "cancelEvent", "requestId": rid, "cancellationToken": token})
+        return rid
+
+    async def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout * UNIT
+        i = 0
+        while True:
+            while i < len(self.frames):
+                if pred(self.frames[i]):
+                    return self.frames.pop(i)
+                i += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching frame; got {self.frames}")
+            self.frames.append(await recv_json(self.ws, timeout=left / UNIT))
+
+    async def displayed(self, rid: str) -> str:
+        """Wait for the offer to reach the agent; returns its notificationId."""
+        frame = await self.wait(lambda m: m.get("requestId") == rid and m.get("state") == "displayed")
+        return frame["notificationId"]
+
+    async def result(self, rid: str, timeout: float = 5.0) -> dict[str, Any]:
+        frame = await self.wait(lambda m: m.get("requestId") == rid and m["type"] in ("result", "error"), timeout)
+        assert frame["type"] == "result", frame
+        return frame["value"]
+
+
+@pytest.fixture
+async def integrator(server: DeskpushServer) -> AsyncIterator[Integrator]:
+    ws = await open_integrator(server)
+    try:
+        yield Integrator(ws)
+    finally:
+        await ws.close()
+
+
+async def eventually(fn: Callable[[], Any], expected: Any, timeout: float = 5.0) -> None:
+    """Poll ``fn`` (sync or async) until it returns ``expected``."""
+    deadline = time.monotonic() + timeout * UNIT
+    while True:
+        value = fn()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value == expected:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {expected!r}, last got {value!r}")
+        await asyncio.sleep(0.02)
+
+
+def config_with(*templates: Template, port: int = 0, **limits: Any) -> Config:
+    return Config(server=ServerSection(host="127.0.0.1", port=port), limits=Limits(**limits), templates=templates)
+
+
+# ---------------------------------------------------------------------------
+# The agent desktop
+
+
+async def test_offer_appears_as_card_and_accept(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
+    page = await open_desktop(browser, server)
+    rid = await integrator.notify("agent-7", params={"customerName": "Jane Doe", "queueName": "Billing"})
+    nid = await integrator.displayed(rid)
+
+    c = card(page, nid)
+    await expect(c).to_be_visible()
+    await expect(c.locator(".card-title")).to_have_text("New chat request")
+    await expect(c.locator(".field-header")).to_have_text(["Customer", "Queue"])
+    await expect(c.locator(".field-value")).to_have_text(["Jane Doe", "Billing"])
+    await expect(c.locator(".card-icon svg")).to_have_count(1)
+    await expect(c.locator(".countdown")).to_have_text("2:00")  # ceil of 120 s, server clock
+    accept = c.get_by_role("button", name="Accept: New chat request")
+    await expect(accept).to_be_enabled()
+    await expect(c.get_by_role("button", name="Reject: New chat request")).to_be_enabled()
+    await expect(page.locator("#announcer")).to_have_text("New offer: New chat request.")
+
+    await accept.click()
+    assert await integrator.result(rid) == {"actionName": "Accept", "responseReason": "Accept"}
+    await expect(c).to_have_count(0)
+    await expect(page.locator(".activity-item").first).to_contain_text("Accepted")
+    await expect(page.locator(".toast")).to_contain_text("Accepted: New chat request")
+    await expect(page.locator("#empty")).to_be_visible()
+    assert page.errors == []
+
+
+async def test_reject_with_keyboard(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
+    page = await open_desktop(browser, server)
+    rid = await integrator.notify("agent-7", template="msdyn_voicecall_incoming_unauthenticated",
+                                  params={"callerId": "+44 20 7946 0321"})
+    nid = await integrator.displayed(rid)
+    c = card(page, nid)
+    reject = c.get_by_role("button", name="Decline: Incoming call")
+    await expect(reject).to_be_visible()
+    await expect(c.locator(".countdown")).to_have_text("0:30")
+    # Keyboard only: the buttons are reachable by Tab and pressed with Enter.
+    for _ in range(12):
+        await page.keyboard.press("Tab")
+        if await reject.evaluate("(b) => b === document.activeElement"):
+            break
+    else:
+        raise AssertionError("the Decline button is not reachable with Tab")
+    assert await reject.evaluate("(b) => b.matches(':focus-visible')")
+    await page.keyboard.press("Enter")
+    assert await integrator.result(rid) == {"actionName": "Reject", "responseReason": "DeclinedByAgent"}
+    await expect(c).to_have_count(0)
+    await expect(page.locator(".activity-item").first).to_contain_text("Declined")
+    assert page.errors == []
+
+
+async def test_countdown_reaches_zero_and_times_out(browser: Any) -> None:
+    short = Template(name="short", title="Short offer", icon="chat", timeout=2,
+                     fields=(FieldTemplate(header="Customer", value="{customerName}"),))
+    async with DeskpushServer(config_with(short), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        page = await browser.new_page()
+        watch(page)
+        # Hold back `resolved` frames so the expired state can be seen before
+        # the server removes the card (they arrive in the same millisecond).
+        held: list[str] = []
+        routes: list[Any] = []
+
+        def route(ws_route: Any) -> None:
+            upstream = ws_route.connect_to_server()
+            routes.append(ws_route)
+
+            def from_server(message: str | bytes) -> None:
+                if isinstance(message, str) and '"resolved"' in message:
+                    held.append(message)
+                else:
+                    ws_route.send(message)
+
+            upstream.on_message(from_server)
+
+        await page.route_web_socket("**/agent", route)
+        await page.goto(f"http://127.0.0.1:{srv.port}/#token={srv.tokens.issue('agent-7')}")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+
+        ig = Integrator(await open_integrator(srv))
+        rid = await ig.notify("agent-7", template="short", params={"customerName": "Ann"})
+        nid = await ig.displayed(rid)
+        c = card(page, nid)
+        await expect(c.locator(".countdown")).to_have_text("0:02")
+        await expect(c.locator(".countdown")).to_have_text("0:01")
+        await expect(c.locator(".countdown")).to_have_text("0:00")
+        await expect(c).to_have_class(re.compile(r"\bis-expired\b"))
+        await expect(c.locator(".card-status")).to_have_text("Expired")
+        await expect(c.get_by_role("button", name="Accept: Short offer")).to_be_disabled()
+        await expect(c.get_by_role("button", name="Reject: Short offer")).to_be_disabled()
+        assert await ig.result(rid) == {"actionName": "Timeout", "responseReason": "DisplayTimeout"}
+        # The card stays until the server says it ended.
+        await expect(c).to_be_visible()
+        await eventually(lambda: len(held), 1)
+        for message in held:
+            routes[-1].send(message)
+        await expect(c).to_have_count(0)
+        await expect(page.locator(".activity-item").first).to_contain_text("Timed out")
+        await ig.ws.close()
+        assert page.errors == []
+
+
+async def test_countdown_uses_server_clock(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
+    """A desktop whose clock is 45 s slow still shows the server's remaining time."""
+    ctx = await browser.new_context()
+    await ctx.add_init_script("{ const real = Date.now; Date.now = () => real() - 45000; }")
+    page = await open_desktop(ctx, server)
+    skew = await page.evaluate("Date.now() - new Date().getTime()")
+    assert -46000 < skew < -44000
+    rid = await integrator.notify("agent-7", template="msdyn_voicecall_incoming_unauthenticated")
+    nid = await integrator.displayed(rid)
+    # 30 s on the server's clock; a local countdown would show 1:15.
+    await expect(card(page, nid).locator(".countdown")).to_have_text(re.compile(r"^0:(30|29|28)$"))
+    await ctx.close()
+
+
+async def test_cancel_event_removes_card(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
+    page = await open_desktop(browser, server)
+    rid = await integrator.notify("agent-7", token="ct-1", params={"customerName": "Bob"})
+    nid = await integrator.displayed(rid)
+    await expect(card(page, nid)).to_be_visible()
+    crid = await integrator.cancel("ct-1")
+    assert await integrator.result(crid) == {
+        "cancellationToken": "ct-1", "actionName": "Cancel", "responseReason": "CancelledByIntegrator"}
+    assert await integrator.result(rid) == {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}
+    await expect(card(page, nid)).to_have_count(0)
+    await expect(page.locator(".activity-item").first).to_contain_text("Withdrawn")
+    assert page.errors == []
+
+
+async def test_queue_indicator(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
+    page = await open_desktop(browser, server)
+    first = await integrator.notify("agent-7", params={"customerName": "One"})
+    nid = await integrator.displayed(first)
+    await integrator.notify("agent-7", params={"customerName": "Two"})
+    await integrator.notify("agent-7", params={"customerName": "Three"})
+    await expect(page.locator("#queue")).to_have_text("2 more waiting")
+    await card(page, nid).get_by_role("button", name="Accept: New chat request").click()
+    await expect(page.locator("#queue")).to_have_text("1 more waiting")
+    await expect(page.locator(".card .field-value")).to_have_text("Two")
+    assert page.errors == []
+
+
+async def test_two_tabs_answer_in_one_hides_in_other(browser: Any, server: DeskpushServer,
+                                                     integrator: Integrator) -> None:
+    ctx = await browser.new_context()
+    tab1 = await open_desktop(ctx, server)
+    tab2 = await ctx.new_page()
+    watch(tab2)
+    # A new tab has its own sessionStorage, so it is signed in by its own link.
+    await tab2.goto(f"http://127.0.0.1:{server.port}/#token={server.tokens.issue('agent-7')}")
+    await expect(tab2.locator("#status")).to_have_attribute("data-state", "connected")
+
+    rid = await integrator.notify("agent-7", params={"customerName": "Both"})
+    nid = await integrator.displayed(rid)
+    await expect(card(tab1, nid)).to_be_visible()
+    await expect(card(tab2, nid)).to_be_visible()
+    await card(tab2, nid).get_by_role("button", name="Accept: New chat request").click()
+    assert await integrator.result(rid) == {"actionName": "Accept", "responseReason": "Accept"}
+    await expect(card(tab1, nid)).to_have_count(0)
+    await expect(card(tab2, nid)).to_have_count(0)
+    await expect(tab1.locator(".activity-item").first).to_contain_text("Accepted")
+    assert tab1.errors == [] and tab2.errors == []
+    await ctx.close()
+
+
+async def test_untrusted_parameters_render_as_text(browser: Any, server: DeskpushServer,
+                                                   integrator: Integrator) -> None:
+    # CSP is bypassed here so that only the page's own rendering stands between
+    # the payload and execution: the text must never become markup.
+    ctx = await browser.new_context(bypass_csp=True)
+    page = await open_desktop(ctx, server)
+    payload = '<img src=x onerror="window.__xss=1">'
+    rid = await integrator.notify("agent-7", template="msdyn_chat_incoming_authenticated",
+                                  params={"customerName": payload, "comment": "<b>bold</b>"})
+    nid = await integrator.displayed(rid)
+    c = card(page, nid)
+    await expect(c.locator(".card-title")).to_have_text(f"New chat request from {payload}")
+    await expect(c.locator(".field-value").first).to_have_text(payload)
+    await expect(c.locator(".field-value").last).to_have_text("<b>bold</b>")
+    await expect(page.locator("#offers img, #offers b")).to_have_count(0)
+    await expect(c.get_by_role("button", name=f"Accept: New chat request from {payload}")).to_be_visible()
+    await c.get_by_role("button", name=f"Reject: New chat request from {payload}").click()
+    assert (await integrator.result(rid))["responseReason"] == "DeclinedByAgent"
+    await expect(page.locator(".activity-title").first).to_have_text(f"New chat request from {payload}")
+    await expect(page.locator(".toast").first).to_contain_text(payload)
+    assert await page.evaluate("typeof window.__xss") == "undefined"
+    assert await page.locator("img").count() == 1  # the logo only
+    await ctx.close()
+
+
+def restart_config(port: int = 0, state_file: Path | None = None) -> Config:
+    server = ServerSection(host="127.0.0.1", port=port, state_file=str(state_file) if state_file else None)
+    return Config(server=server)
+
+
+@pytest.mark.parametrize("keep_state", [True, False], ids=["stateFile", "memory-only"])
+async def test_reconnects_after_server_restart(browser: Any, tmp_path: Path, keep_state: bool) -> None:
+    state_file = tmp_path / "state.json" if keep_state else None
+    srv = DeskpushServer(restart_config(0, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv.start()
+    port = srv.port
+    try:
+        page = await open_desktop(browser, srv)
+        ig = Integrator(await open_integrator(srv))
+        rid = await ig.notify("agent-7", params={"customerName": "Before restart"}, token="ct-restart")
+        old = await ig.displayed(rid)
+        await expect(card(page, old)).to_be_visible()
+        before = await card(page, old).locator(".countdown").text_content()
+    finally:
+        await srv.close()
+    await expect(page.locator("#status")).not_to_have_attribute("data-state", "connected")
+    await expect(card(page, old).get_by_role("button", name="Accept: New chat request")).to_be_disabled()
+
+    srv2 = DeskpushServer(restart_config(port, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv2.start()
+    try:
+        # The backoff is capped and jittered; the first retries come within seconds.
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        ig2 = Integrator(await open_integrator(srv2))
+        if keep_state:
+            # The new server took the offer back and replayed it: still one card,
+            # same expiry, answerable; the integrator learns the outcome by token.
+            await expect(page.locator(".card")).to_have_count(1)
+            await expect(card(page, old).get_by_role("button", name="Accept: New chat request")).to_be_enabled()
+            after = await card(page, old).locator(".countdown").text_content()
+            assert before is not None and after is not None and after <= before
+            await card(page, old).get_by_role("button", name="Accept: New chat request").click()
+            await expect(card(page, old)).to_have_count(0)
+            await expect(page.locator(".activity-item").first).to_contain_text("Accepted")
+            crid = await ig2.cancel("ct-restart")
+            assert await ig2.result(crid) == {
+                "cancellationToken": "ct-restart", "actionName": "Accept", "responseReason": "Accept"}
+        else:
+            # This server does not know the old offer, so the desktop drops its
+            # card once the replay is over.
+            await expect(card(page, old)).to_have_count(0)
+            await expect(page.locator(".activity-item").first).to_contain_text("Ended while offline")
+        rid2 = await ig2.notify("agent-7", params={"customerName": "After restart"})
+        new = await ig2.displayed(rid2)
+        await expect(card(page, new).locator(".field-value")).to_have_text("After restart")
+        await card(page, new).get_by_role("button", name="Accept: New chat request").click()
+        assert await ig2.result(rid2) == {"actionName": "Accept", "responseReason": "Accept"}
+        await ig2.ws.close()
+    finally:
+        await srv2.close()
+
+
+async def test_replay_after_reconnect_keeps_one_card(browser: Any, server: DeskpushServer,
+                                                     integrator: Integrator) -> None:
+    """A dropped socket: the replayed offer keeps its card (no duplicate) and its expiry."""
+    page = await open_desktop(browser, server)
+    rid = await integrator.notify("agent-7", params={"customerName": "Replayed"})
+    nid = await integrator.displayed(rid)
+    await expect(card(page, nid)).to_be_visible()
+    before = await card(page, nid).locator(".countdown").text_content()
+    # Drop every agent session from the server side (as a proxy would).
+    for conn in list(server.engine._sessions):  # noqa: SLF001 - test-only reach into the engine
+        conn.transport.abort()
+    await expect(page.locator("#status")).not_to_have_attribute("data-state", "connected")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=10000 * UNIT)
+    await expect(card(page, nid)).to_have_count(1)
+    await expect(card(page, nid).get_by_role("button", name="Accept: New chat request")).to_be_enabled()
+    after = await card(page, nid).locator(".countdown").text_content()
+    assert before is not None and after is not None and after <= before
+    await card(page, nid).get_by_role("button", name="Accept: New chat request").click()
+    assert await integrator.result(rid) == {"actionName": "Accept", "responseReason": "Accept"}
+    await expect(page.locator(".card")).to_have_count(0)
+
+
+async def test_bad_token_shows_form_then_paste(browser: Any, server: DeskpushServer) -> None:
+    page = await browser.new_page()
+    watch(page)
+    await page.goto(f"http://127.0.0.1:{server.port}/#token=not-a-token")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "rejected")
+    await expect(page.locator("#token-panel")).to_be_visible()
+    await expect(page.locator("#token-message")).to_contain_text("rejected")
+    assert "token=" not in page.url  # scrubbed from the address bar
+    await page.get_by_label("Agent token").fill(server.tokens.issue("agent-9"))
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#agent-id")).to_have_text("agent-9")
+    # A reload keeps the session (the token is in sessionStorage).
+    await page.reload()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#agent-id")).to_have_text("agent-9")
+    # Opening another printed link in the same tab only changes the fragment.
+    await page.goto(f"http://127.0.0.1:{server.port}/#token={server.tokens.issue('agent-10')}")
+    await expect(page.locator("#agent-id")).to_have_text("agent-10")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    assert "token=" not in page.url
+
+
+async def test_desktop_alert_once_across_hidden_tabs(browser: Any, server: DeskpushServer,
+                                                    integrator: Integrator) -> None:
+    ctx = await browser.new_context()
+    await ctx.grant_permissions(["notifications"], origin=f"http://127.0.0.1:{server.port}")
+    # Pretend both tabs are in the background and record desktop notifications.
+    await ctx.add_init_script("""
+        Object.defineProperty(document, "visibilityState", {get: () => "hidden"});
+        window.__alerts = [];
+        window.Notification = class extends EventTarget {
+            static permission = "granted";
+            static requestPermission() { return Promise.resolve("granted"); }
+            constructor(title, options) { super(); window.__alerts.push(title); }
+            close() {}
+        };
+    """)
+    tabs = []
+    for _ in range(3):
+        tab = await ctx.new_page()
+        await tab.goto(f"http://127.0.0.1:{server.port}/#token={server.tokens.issue('agent-7')}")
+        await expect(tab.locator("#status")).to_have_attribute("data-state", "connected")
+        tabs.append(tab)
+    await expect(tabs[0].locator("#alerts-state")).to_have_text("Desktop alerts on")
+    rid = await integrator.notify("agent-7", params={"customerName": "Alert"})
+    nid = await integrator.displayed(rid)
+    for tab in tabs:
+        await expect(card(tab, nid)).to_be_visible()
+
+    async def total() -> int:
+        return sum([await t.evaluate("window.__alerts.length") for t in tabs])
+
+    await eventually(total, 1)
+    await asyncio.sleep(0.5)  # past every tab's claim window: still exactly one
+    assert await total() == 1
+    await ctx.close()
+
+
+# ---------------------------------------------------------------------------
+# cif.js and the integrator page
+
+
+async def test_cif_example_runs_unchanged(browser: Any, server: DeskpushServer) -> None:
+    desktop = await open_desktop(browser, server, "agent-1")
+    page = await browser.new_page()
+    watch(page)
+    logged: list[Any] = []
+
+    async def on_console(msg: Any) -> None:
+        if msg.type == "log":
+            logged.append(await msg.args[0].json_value() if msg.args else msg.text)
+
+    page.on("console", on_console)
+    await page.goto(f"http://127.0.0.1:{server.port}/integrator.html")
+    await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+    await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    # The example from the CIF 2.0 reference, character for character. Its
+    # value is the promise of .then(), which settles once the agent answers.
+    example = asyncio.create_task(page.evaluate(CIF_EXAMPLE))
+    c = desktop.locator(".card")
+    await expect(c).to_have_count(1)
+    await expect(c.locator(".card-title")).to_have_text("New chat request")
+    await expect(c.locator(".card-fields")).to_have_count(0)  # empty parameters: no fields
+    await c.get_by_role("button", name="Accept: New chat request").click()
+    await asyncio.wait_for(example, 5 * UNIT)
+    await eventually(lambda: logged, [{"value": {"actionName": "Accept", "responseReason": "Accept"}}])
+    assert page.errors == []
+
+
+CIF_EXAMPLE = """\
+var input = {
+	templateName: "msdyn_chat_incoming_unauthenticated",
+	// unique name of the configured template
+	templateParameters: {
+	}
+}
+Microsoft.CIFramework.notifyEvent(input).then(
+	function success(result) {
+		console.log(result);
+		// Perform operations
+	},
+	function (error) {
+		console.log(error.message);
+		// Handle error conditions
+	}
+);
+"""
+
+
+def test_cif_example_matches_reference() -> None:
+    """The example above is the one in the reference, when the reference is at hand."""
+    # CI clones the repo with shared/ beside it.
+    for candidate in (ROOT.parent / "shared" / "cif-2.0-cancelEvent-reference.md",):
+        if candidate.exists():
+            text = candidate.read_text()
+            block = text.split("```javascript\n", 1)[1].split("```", 1)[0]
+            assert block == CIF_EXAMPLE
+            return
+    pytest.skip("shared/cif-2.0-cancelEvent-reference.md not found")
+
+
+async def test_cif_errors_and_cancel(browser: Any, server: DeskpushServer) -> None:
+    desktop = await open_desktop(browser, server, "agent-1")
+    page = await browser.new_page()
+    watch(page)
+    await page.goto(f"http://127.0.0.1:{server.port}/integrator.html")
+    await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+    # Module state is per page: nothing configured yet.
+    before = await page.evaluate("Microsoft.CIFramework.notifyEvent({templateName: 'x'}).catch(e => e)")
+    assert before["message"] == "RejectAfterClientError" and "configure()" in before["details"]
+    assert before["msdyn_name"] == "NotifyEvent"
+
+    await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    missing = await page.evaluate("Microsoft.CIFramework.notifyEvent({templateName: 'nope'}).catch(e => e)")
+    assert missing["message"] == "NotificationTemplateNotFoundError" and missing["msdyn_name"] == "NotifyEvent"
+    nobody = await page.evaluate(
+        "Microsoft.CIFramework.notifyEvent({templateName: 'msdyn_chat_transfer', agentId: 'nobody'}).catch(e => e)")
+    assert nobody["message"] == "AgentNotConnectedError"
+    unknown = await page.evaluate("Microsoft.CIFramework.cancelEvent('no-such-token').catch(e => e)")
+    assert unknown["message"] == "CancellationTokenNotFoundError" and unknown["msdyn_name"] == "CancelEvent"
+
+    # notifyEvent's third argument is the cancellation token; cancelEvent withdraws it.
+    await page.evaluate("""() => {
+        window.__notify = Microsoft.CIFramework.notifyEvent(
+            {templateName: 'msdyn_chat_transfer', templateParameters: {customerName: 'Kim'}}, 'corr-1', 'tok-1');
+    }""")
+    await expect(desktop.locator(".card .card-title")).to_have_text("Chat transferred to you")
+    cancelled = await page.evaluate("Microsoft.CIFramework.cancelEvent('tok-1', 'corr-1')")
+    assert cancelled == {"value": {"cancellationToken": "tok-1", "actionName": "Cancel",
+                                   "responseReason": "CancelledByIntegrator"}}
+    assert await page.evaluate("window.__notify") == {
+        "value": {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}}
+    await expect(desktop.locator(".card")).to_have_count(0)
+
+    # A bad key: the server closes with 4401 and the call rejects.
+    await page.evaluate("Microsoft.CIFramework.configure({apiKey: 'wrong'})")
+    bad = await page.evaluate("Microsoft.CIFramework.notifyEvent({templateName: 'x'}).catch(e => e)")
+    assert bad["message"] == "UnauthorizedError" and bad["msdyn_name"] == "NotifyEvent"
+    assert page.errors == []
+
+
+async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushServer) -> None:
+    desktop = await open_desktop(browser, server, "agent-1")
+    page = await browser.new_page()
+    watch(page)
+    await page.goto(f"http://127.0.0.1:{server.port}/integrator.html#apiKey={API_KEY}&agentId=agent-1")
+    assert "apiKey" not in page.url
+    await expect(page.get_by_label("Agent id")).to_have_value("agent-1")
+    await page.get_by_label("Template", exact=True).select_option("msdyn_voicecall_incoming_unauthenticated")
+    await page.get_by_label("Parameter", exact=False).first.wait_for()
+    send = page.get_by_role("button", name="Send offer")
+
+    await send.click()
+    row = page.locator(".log-item").first
+    await expect(row.locator(".state-chip")).to_have_text("displayed")
+    c = desktop.locator(".card")
+    await expect(c.locator(".card-title")).to_have_text("Incoming call")
+    await expect(c.locator(".field-value").first).to_have_text("+44 20 7946 0321")
+    await row.get_by_role("button", name="Cancel offer msdyn_voicecall_incoming_unauthenticated to agent-1").click()
+    await expect(row.locator(".state-chip")).to_have_text("Cancel / CancelledByIntegrator")
+    await expect(row).to_have_attribute("data-cancel-result", "Cancel/CancelledByIntegrator")
+    await expect(c).to_have_count(0)
+
+    await send.click()
+    row = page.locator(".log-item").first
+    await expect(row.locator(".state-chip")).to_have_text("displayed")
+    await desktop.get_by_role("button", name="Answer: Incoming call").click()
+    await expect(row.locator(".state-chip")).to_have_text("Accept / Accept")
+    await expect(row.get_by_role("button")).to_have_count(0)
+    assert page.errors == [] and desktop.errors == []
+
+
+# ---------------------------------------------------------------------------
+# The screenshot for the README
+
+
+async def test_screenshot(browser: Any, tmp_path: Path) -> None:
+    async with DeskpushServer(config_with(display_limit=2), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        ctx = await browser.new_context(viewport={"width": 1100, "height": 700}, device_scale_factor=1)
+        page = await open_desktop(ctx, srv, "maria.lopez")
+        ig = Integrator(await open_integrator(srv))
+        agent = "maria.lopez"
+
+        async def answer(template: str, params: dict[str, str], button: str) -> None:
+            token = f"t{next(_ids)}"
+            rid = await ig.notify(agent, template=template, params=params, token=token)
+            nid = await ig.displayed(rid)
+            if button == "cancel":
+                await ig.result(await ig.cancel(token))
+            else:
+                await card(page, nid).locator(f".btn-{button}").click()
+            await ig.result(rid)
+            await expect(card(page, nid)).to_have_count(0)
+
+        await answer("msdyn_chat_incoming_unauthenticated", {"customerName": "Tom Becker"}, "accept")
+        await answer("msdyn_voicecall_incoming_unauthenticated", {"callerId": "+1 415 555 0142"}, "reject")
+        await answer("msdyn_chat_transfer", {"customerName": "Omar Haddad"}, "cancel")
+        await answer("msdyn_chat_incoming_unauthenticated", {"customerName": "Lena Fischer"}, "accept")
+        await ig.notify(agent, template="msdyn_chat_incoming_authenticated", params={
+            "customerName": "Jane Doe", "accountName": "Contoso Ltd", "queueName": "Premium support",
+            "comment": "My order #4417 arrived damaged, I'd like a replacement."}, correlation_id="CAS-01842")
+        await ig.notify(agent, template="msdyn_voicecall_incoming_authenticated", params={
+            "callerId": "+44 20 7946 0321", "customerName": "Arjun Mehta", "queueName": "Billing"})
+        await ig.notify(agent, params={"customerName": "Queued One"})
+        await ig.notify(agent, params={"customerName": "Queued Two"})
+        await expect(page.locator(".card")).to_have_count(2)
+        await expect(page.locator("#queue")).to_have_text("2 more waiting")
+        # The outcome toasts of the answers above would cover the corner.
+        await page.evaluate("document.querySelectorAll('.toast').forEach((t) => t.remove())")
+        # Let the countdowns run a moment so the progress bars show it.
+        await page.wait_for_timeout(1000)
+        await page.mouse.move(0, 0)
+        out = tmp_path / "screenshot-desktop.png"
+        await page.screenshot(path=str(out))
+        assert out.stat().st_size > 10_000
+        if os.environ.get("DESKPUSH_UPDATE_SCREENSHOT"):
+            target = ROOT / "docs" / "screenshot-desktop.png"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(out, target)
+        await ig.ws.close()
+        await ctx.close()
