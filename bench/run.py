@@ -6,7 +6,7 @@
 
 Each server under test runs as its own process on 127.0.0.1 (a free port) and is
 driven by a load generator in another process (bench/gen.js, Node.js with ``ws``
-and socket.io-client; or bench/gen_py.py, pure Python, for the deskpush/floor
+which also speaks Socket.IO; or bench/gen_py.py, pure Python, for the deskpush/floor
 offer workload only). The generator prints ``{"mark": "start"}`` and
 ``{"mark": "end"}`` around the measured window; this harness samples the
 server's and the generator's CPU seconds (/proc/PID/stat) and the server's RSS
@@ -248,10 +248,12 @@ class Running:
             return ""
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 2 s: everything is measured by now, and a server that drains
+        9,000 closing connections gracefully would only make the run longer."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -449,8 +451,7 @@ def machine() -> list[str]:
         f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2**30} GiB RAM, {platform.system()} {platform.release()}",
         f"- Python {platform.python_version()} (websockets {version('websockets')}, msgspec {version('msgspec')}, "
         f"uvloop {version('uvloop')}, python-socketio {version('python-socketio')}, aiohttp {version('aiohttp')}); "
-        f"Node {node} (ws {npm_version('ws')}, socket.io {npm_version('socket.io')}, "
-        f"socket.io-client {npm_version('socket.io-client')})",
+        f"Node {node} (ws {npm_version('ws')}, socket.io {npm_version('socket.io')})",
     ]
 
 
@@ -473,7 +474,8 @@ NOTES = """\
   notification, ack, ack (the agent learns the outcome from its own ack, so no resolved), i.e. one
   message fewer per offer.
 - **Generator.** `bench/gen.js`: one Node.js process holding every agent and the integrator (`ws`, or
-  socket.io-client for the Socket.IO peers). Its CPU is in the table, as % of one core over the window.
+  for the Socket.IO peers, its own few lines of Socket.IO v5 on `ws`, much cheaper than socket.io-client).
+  Its CPU is in the table, as % of one core over the window.
 - **Offer round trip.** 200 agents answer Accept at once; 100 notifyEvents in flight (slot *i* offers to
   agents *i* and *i*+100 in turn, so no agent holds two); 0.5 s warm-up, then a 10 s window. Latency:
   notifyEvent sent -> result received, in the generator. CPU µs/outcome: server CPU in the window / outcomes.
