@@ -1,6 +1,6 @@
 """deskpush's benchmarks against its peers: one command, one table.
 
-    python -m bench.run                  # everything, 3 runs (a few minutes on 2 cores)
+    python -m bench.run                  # everything, 3 runs (about 7 minutes on 2 cores)
     python -m bench.run --quick          # tiny counts, 1 run: a smoke run (under a minute)
     python -m bench.run --only offer --runs 5 --servers deskpush,floor
 
@@ -103,6 +103,7 @@ METRICS = [
     ("timeout", "p50", "timeout: lateness p50 ms", None),
     ("timeout", "p99", "timeout: lateness p99 ms", {"abs": ("<=", 50.0)}),
     ("timeout", "max", "timeout: lateness max ms", {"abs": ("<=", 200.0)}),
+    ("timeout", "cpu_s", "timeout: server CPU s", None),
     ("timeout", "gen_pct", "timeout: generator CPU % of a core", None),
     ("cancel", "rate", "cancel: cancels/s", None),
     ("cancel", "p50", "cancel: cancel->resolved p50 ms", None),
@@ -320,7 +321,7 @@ def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -
             problems.append(f"{r['retries']} connection attempts retried")
     elif workload == "timeout":
         lat = r["latenessMs"]
-        out |= {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"]}
+        out |= {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"], "cpu_s": cpu}
         bad = {k: v for k, v in r["outcomes"].items() if k != "Timeout/DisplayTimeout"}
         if bad or r["results"] != r["sent"] or r["unmatched"]:
             problems.append(f"{r['results']}/{r['sent']} results, other outcomes {bad}, unmatched {r['unmatched']}")
@@ -509,7 +510,7 @@ def ensure_node(need_node: bool) -> None:
     if not (BENCH / "node_modules" / "ws").is_dir() or not (BENCH / "node_modules" / "socket.io").is_dir():
         verb = "ci" if (BENCH / "package-lock.json").exists() else "install"
         print(f"bench: npm {verb} --prefix bench", file=sys.stderr)
-        subprocess.run(["npm", verb, "--prefix", str(BENCH), "--no-audit", "--no-fund"], check=True)
+        subprocess.run(["npm", verb, "--prefix", str(BENCH), "--no-audit", "--no-fund"], check=True, stdout=sys.stderr)
 
 
 def ensure_pysio(need: bool) -> None:
@@ -521,7 +522,7 @@ def ensure_pysio(need: bool) -> None:
     except ImportError:
         print("bench: pip install -r bench/requirements.txt", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(BENCH / "requirements.txt")],
-                       check=True)
+                       check=True, stdout=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         load0, t0 = os.getloadavg()[0], time.monotonic()
         results, problems = run_all(args.gen, sizes, runs, workloads, servers, args.profile)
         elapsed, load1 = time.monotonic() - t0, os.getloadavg()[0]
-    except BenchError as exc:
+    except (BenchError, subprocess.CalledProcessError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
 
@@ -569,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in problems:
         print(f"problem: {line}", file=sys.stderr)
     if args.out != "-":
-        conditions = (f"- The run took {elapsed:.0f} s; load average {load0:.1f} when it started, {load1:.1f} when "
-                      f"it ended (anything above ~1.5 on 2 cores is other work competing with the server under test)")
+        conditions = (f"- The run took {elapsed:.0f} s. Load average {load0:.1f} just before it (other work on the machine; "
+                      f"{load1:.1f} at the end, which includes the bench's own ~2). A server that is the bottleneck but "
+                      "shows well under 100% in 'server CPU % of a core' was starved by other work during that run.")
         write_results(Path(args.out), text, args, sizes, runs, workloads, problems, conditions)
         print(f"\nwrote {args.out}", file=sys.stderr)
     return 1 if problems else 0

@@ -60,7 +60,7 @@ def test_table_summarises_runs_and_judges_targets() -> None:
             for name, s, k in [("deskpush", 2.0, 20.0), ("floor", 1.5, 15.0), ("socketio", 3.0, 30.0),
                                ("pysio", 4.0, 30.0)]
         } | {
-            ("timeout", name): {"p50": 5.0, "p99": 40.0, "max": 250.0, "gen_pct": 5.0}
+            ("timeout", name): {"p50": 5.0, "p99": 40.0, "max": 250.0, "cpu_s": 2.0, "gen_pct": 5.0}
             for name in ("deskpush", "floor", "socketio", "pysio")
         } | {
             ("cancel", name): {"rate": 500.0, "p50": 1.0, "p99": 2.0, "cpu_us": 150.0, "gen_pct": 40.0}
