@@ -156,6 +156,7 @@ class DeskpushServer:
             open_timeout=s.hello_timeout,
             close_timeout=5,
             server_header="deskpush",
+            backlog=s.backlog,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._restore_state()
@@ -251,7 +252,11 @@ class DeskpushServer:
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()
-        if deadline == self._armed:
+        armed = self._armed
+        # A timer armed no later than the next deadline can stay: if it fires
+        # first, handle_timer finds nothing due and re-arms. Most outcomes move
+        # the next deadline later, so this saves a cancel and a call_at each.
+        if armed is not None and (deadline is None or armed <= deadline):
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -8,34 +8,17 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
-import logging.handlers
 import os
-import queue
 import signal
 import sys
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
 
 __all__ = ["main"]
-
-
-def _setup_logging(level: str) -> logging.handlers.QueueListener:
-    """Log lines are formatted and written by a thread, off the event loop."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(q)]
-    root.setLevel(level.upper())
-    # websockets logs every failed handshake at INFO; keep those for DEBUG.
-    if root.level > logging.DEBUG:
-        logging.getLogger("websockets").setLevel(logging.WARNING)
-    listener = logging.handlers.QueueListener(q, handler, respect_handler_level=False)
-    listener.start()
-    return listener
 
 
 def _run(coro_fn: Any) -> None:
@@ -75,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not keys:
         generated_key = ephemeral_secret()
         keys = {"default": generated_key}
-    listener = _setup_logging(args.log_level)
+    handler = logs.setup(args.log_level)
     log = logging.getLogger("deskpush")
 
     async def main() -> None:
@@ -114,6 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ephemeral:
             lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
         print("\n".join(lines), flush=True)
+        # What exists now (templates, config, imported modules) lives as long as
+        # the process: keep it out of every later garbage collection.
+        gc.collect()
+        gc.freeze()
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
 
@@ -132,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         _run(main)
     finally:
-        listener.stop()
+        handler.flush()
     return 0
 
 

@@ -35,6 +35,9 @@ class _Section(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid
 class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8765
+    # Connections the kernel queues before they are accepted: a reconnect storm
+    # after a restart overflows a short queue and clients wait 1 s or more to retry.
+    backlog: Annotated[int, Meta(ge=1, le=65535)] = 4096
     # Largest frame a client may send; larger ones close the connection with 1009.
     max_size: Annotated[int, Meta(ge=1024, le=16 * 2**20)] = 64 * 1024
     # Seconds a client has to send its hello frame.
