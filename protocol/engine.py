@@ -47,6 +47,12 @@ notifications: their outcomes are kept (bounded) in ``unclaimed(key)``.
 
 Ended notifications are remembered (bounded by ``recent_outcomes``) so a late
 respond or cancelEvent still gets a definite answer.
+
+An event can arrive at a ``now`` past a deadline before the caller's timer has
+called ``handle_timer``. So the events whose answer depends on the time (agent
+connect and frames, integrator frames) first run every deadline already due:
+a respond after ``expiresAt`` is too late, a session after the grace does not
+revive anything, whatever order the caller's timer and sockets happened to run.
 """
 
 from __future__ import annotations
@@ -298,6 +304,7 @@ class Engine:
 
     def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
         """A session authenticated as ``agent_id``: welcome it and replay."""
+        self._run_due(now)
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
@@ -326,6 +333,7 @@ class Engine:
 
     def agent_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
         """A decoded frame from an authenticated agent session."""
+        self._run_due(now)
         match frame:
             case f.Respond():
                 self._respond(conn, frame, now)
@@ -375,6 +383,7 @@ class Engine:
 
     def integrator_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
+        self._run_due(now)
         match frame:
             case f.NotifyEvent():
                 self._notify(conn, frame, now)
@@ -474,6 +483,10 @@ class Engine:
 
     def handle_timer(self, now: float) -> list[Effect]:
         """Run every deadline at or before ``now``."""
+        self._run_due(now)
+        return self._flush()
+
+    def _run_due(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
             when, _, kind, ref = heapq.heappop(heap)
@@ -485,7 +498,6 @@ class Engine:
                 self._end(ref, QUEUE_TIME_LIMIT, now)
             else:
                 self._grace_expired(ref, now)
-        return self._flush()
 
     def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
         if kind == _GRACE:
