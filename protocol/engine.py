@@ -222,8 +222,17 @@ def _cancel_error(request_id: str, message: str, details: str = "") -> f.Integra
     )
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
+def id_factory() -> Callable[[], str]:
+    """Ids that are unique: a random 64-bit prefix drawn once, then a counter.
+
+    A uuid4 per id costs a getrandom() system call, twice per notifyEvent; the
+    ids need to be unique (across restarts too, hence the prefix), not secret:
+    a notification answers only to its own agent and a cancellation token only
+    to its own integrator key.
+    """
+    prefix = uuid.uuid4().hex[:16]
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter):016x}"
 
 
 class Engine:
@@ -234,11 +243,11 @@ class Engine:
         templates: Mapping[str, Template],
         limits: Limits = Limits(),
         *,
-        new_id: Callable[[], str] = _new_id,
+        new_id: Callable[[], str] | None = None,
     ) -> None:
         self.templates = dict(templates)
         self.limits = limits
-        self._new_id = new_id
+        self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
         self._sessions: dict[Conn, _Agent] = {}
         self._integrators: dict[Conn, str] = {}
@@ -481,14 +490,20 @@ class Engine:
     # ------------------------------------------------------------------
     # Time
 
-    def handle_timer(self, now: float) -> list[Effect]:
-        """Run every deadline at or before ``now``."""
-        self._run_due(now)
+    def handle_timer(self, now: float, limit: int | None = None) -> list[Effect]:
+        """Run every deadline at or before ``now``, or at most ``limit`` of them.
+
+        With a ``limit`` the caller can let I/O through between batches when
+        thousands fall due at once; ``next_deadline()`` then is still <= now.
+        """
+        self._run_due(now, limit)
         return self._flush()
 
-    def _run_due(self, now: float) -> None:
+    def _run_due(self, now: float, limit: int | None = None) -> None:
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        budget = -1 if limit is None else limit
+        while heap and heap[0][0] <= now and budget != 0:
+            budget -= 1
             when, _, kind, ref = heapq.heappop(heap)
             if not self._timer_valid(when, kind, ref):
                 continue

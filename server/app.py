@@ -3,7 +3,8 @@
 Everything that touches the engine runs on the event loop thread and never
 awaits in between, so the engine needs no lock: a handler decodes a frame,
 calls the engine, and hands the effects to ``_apply``, which encodes each frame
-once and writes it to its targets without waiting (``broadcast``). A connection
+once, frames it for each target without waiting, and writes what each
+connection got in one loop iteration with one ``write``. A connection
 whose write buffer passes ``outboundLimit`` cannot keep up: it is aborted and
 treated as disconnected, and nobody else waits for it.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -44,6 +45,8 @@ outcome_log = logging.getLogger("deskpush.outcome")
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_RATE_LIMITED = 1008
+# Deadlines ended per timer callback before I/O gets a turn.
+TIMER_BATCH = 500
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
 CONTENT_TYPES = {
@@ -128,6 +131,8 @@ class DeskpushServer:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._dirty: dict[ServerConnection, None] = {}
+        self._flush_handle: asyncio.Handle | None = None
         self._armed: float | None = None
         self._epoch0 = 0.0
         self._mono0 = 0.0
@@ -240,7 +245,7 @@ class DeskpushServer:
 
     def _send(self, conn: ServerConnection, data: bytes) -> None:
         transport = conn.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or conn.protocol.state is not WsState.OPEN:
             return
         if transport.get_write_buffer_size() > self._outbound_limit:
             # It cannot keep up; close it rather than buffer without bound.
@@ -248,7 +253,33 @@ class DeskpushServer:
             log.warning("closing %s: write buffer over %d bytes", conn.remote_address, self._outbound_limit)
             transport.abort()
             return
-        broadcast((conn,), data, text=True)
+        # Frame it now, write it at the end of this loop iteration: every frame
+        # a connection gets in one iteration (results for an integrator with
+        # many offers in flight) goes out in one write instead of one each.
+        conn.protocol.send_text(data)
+        self._dirty[conn] = None
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        self._flush_handle = None
+        dirty = self._dirty
+        self._dirty = {}
+        for conn in dirty:
+            chunks = conn.protocol.data_to_send()
+            transport = conn.transport
+            if not chunks or transport is None or transport.is_closing():
+                continue
+            if b"" not in chunks:
+                transport.write(b"".join(chunks))
+                continue
+            # The protocol asked to half-close after its close frame (what
+            # websockets' own send_data does with an empty chunk).
+            transport.write(b"".join(chunks[: chunks.index(b"")]))
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()
@@ -274,7 +305,10 @@ class DeskpushServer:
         now = self.now()
         if deadline is not None and deadline > now:
             now = deadline
-        self._apply(self.engine.handle_timer(now))
+        # Thousands may fall due together (a burst of offers displayed at once,
+        # or a pause): end them in batches, so the first results are written
+        # and other clients are served while the rest wait their turn.
+        self._apply(self.engine.handle_timer(now, limit=TIMER_BATCH))
 
     # ------------------------------------------------------------------
     # HTTP before the upgrade: auth, health, static files
