@@ -29,5 +29,12 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# Benchmarks against the peers: prints the table and writes bench/RESULTS.md
+# (about 7 min on 2 cores). Needs Node.js and npm; installs bench/node_modules
+# and python-socketio + aiohttp into the venv on first use.
+# `make bench ARGS=--quick` is a smoke run in under a minute.
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -19,3 +19,21 @@ def test_timer_heap_and_recent_outcomes_stay_bounded():
     assert len(engine._heap) <= 4097
     assert len(engine._recent) == 500
     assert engine.next_deadline() is None
+
+
+def test_timer_work_can_be_taken_in_batches():
+    from protocol import Template
+
+    fast = Template(name="fast", title="t", timeout=1.0)
+    engine = Engine({"fast": fast}, Limits(display_limit=1000, queue_limit=0))
+    engine.agent_connected("a", "agent", "s", 0.0)
+    engine.integrator_connected("i", "crm", 0.0)
+    inp = f.NotifyInput(template_name="fast")
+    for i in range(1000):
+        engine.integrator_frame("i", f.NotifyEvent(request_id=str(i), agent_id="agent", input=inp, progress=False), 0.0)
+    first = engine.handle_timer(5000.0, limit=300)
+    assert sum(1 for e in first if type(e).__name__ == "Ended") == 300
+    assert engine.next_deadline() <= 5000.0  # the rest are still due
+    rest = engine.handle_timer(5000.0)
+    assert sum(1 for e in rest if type(e).__name__ == "Ended") == 700
+    assert engine.outcomes == 1000 and engine.next_deadline() is None
