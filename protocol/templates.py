@@ -12,6 +12,7 @@ Values are untrusted text: clients must display them as text, never as HTML.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -55,11 +56,22 @@ def _text(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
+@functools.lru_cache(maxsize=1024)
+def _split(text: str) -> tuple[str, ...]:
+    """``"Hi {name}!"`` -> ``("Hi ", "name", "!")``: literals at even indexes, slugs at odd."""
+    return tuple(_SLUG.split(text))
+
+
 def render_text(text: str, params: Mapping[str, Any]) -> str:
     """Fill ``{slug}`` placeholders; unknown slugs become empty."""
     if "{" not in text:
         return text
-    return _SLUG.sub(lambda m: _text(params.get(m.group(1))), text)
+    parts = _split(text)
+    out = [
+        part if i % 2 == 0 else _text(params.get(part))
+        for i, part in enumerate(parts)
+    ]
+    return "".join(out)
 
 
 def render_fields(template: Template, params: Mapping[str, Any]) -> tuple[Field, ...]:

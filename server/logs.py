@@ -21,6 +21,20 @@ __all__ = ["TickHandler", "setup"]
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class _Formatter(logging.Formatter):
+    """The stock format, with the date and time rendered once per second."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = super().formatTime(record, datefmt).rpartition(",")[0]
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 class TickHandler(logging.Handler):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()
@@ -71,7 +85,7 @@ def setup(level: str, stream: TextIO | None = None) -> TickHandler:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = TickHandler(stream)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(_Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
