@@ -22,6 +22,7 @@ import secrets
 import time
 from http import HTTPStatus
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -85,6 +86,12 @@ class _Bucket:
             return False
         self.tokens = tokens - 1.0
         return True
+
+
+def _agent_error(raw: bytes, exc: Exception) -> f.AgentError:
+    """BadFrame for an agent frame that failed to decode, naming the field."""
+    message = str(exc) if isinstance(exc, msgspec.ValidationError) else f"malformed JSON: {exc}"
+    return f.AgentError(code="BadFrame", message=message)
 
 
 def _integrator_error(raw: bytes, exc: Exception) -> f.IntegratorError:
@@ -369,23 +376,19 @@ class DeskpushServer:
         elif path == "/integrator":
             await self._integrator(conn)
 
-    async def _hello(self, conn: ServerConnection) -> bytes | None:
+    async def _hello(self, conn: ServerConnection, decoder: msgspec.json.Decoder, kind: type) -> Any:
+        """The first frame if it arrives in time and is a ``kind``, else None."""
         try:
             async with asyncio.timeout(self._hello_timeout):
-                return await conn.recv(decode=False)
-        except (TimeoutError, ConnectionClosed):
+                raw = await conn.recv(decode=False)
+            hello = decoder.decode(raw)
+        except (TimeoutError, ConnectionClosed, msgspec.MsgspecError):
             return None
+        return hello if type(hello) is kind else None
 
     async def _agent(self, conn: ServerConnection) -> None:
-        raw = await self._hello(conn)
-        agent_id = None
-        if raw is not None:
-            try:
-                hello = f.AGENT_DECODER.decode(raw)
-            except msgspec.MsgspecError:
-                hello = None
-            if type(hello) is f.AgentHello:
-                agent_id = self.tokens.verify(hello.token)
+        hello = await self._hello(conn, f.AGENT_DECODER, f.AgentHello)
+        agent_id = self.tokens.verify(hello.token) if hello is not None else None
         if agent_id is None:
             await conn.close(CLOSE_UNAUTHORIZED, "unauthorized")
             return
@@ -394,25 +397,8 @@ class DeskpushServer:
         self._apply(engine.agent_connected(conn, agent_id, session_id, self.now()))
         log.debug("agent %s session %s connected from %s", agent_id, session_id, conn.remote_address)
         s = self.config.server
-        bucket = _Bucket(s.agent_rate, s.agent_burst, self._loop.time())
-        decode = f.AGENT_DECODER.decode
         try:
-            while True:
-                raw = await conn.recv(decode=False)
-                if not bucket.take(self._loop.time()):
-                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
-                    break
-                try:
-                    frame = decode(raw)
-                except msgspec.ValidationError as exc:
-                    self._apply([Send((conn,), f.AgentError(code="BadFrame", message=str(exc)))])
-                    continue
-                except msgspec.DecodeError as exc:
-                    self._apply([Send((conn,), f.AgentError(code="BadFrame", message=f"malformed JSON: {exc}"))])
-                    continue
-                self._apply(engine.agent_frame(conn, frame, self.now()))
-        except ConnectionClosed:
-            pass
+            await self._receive(conn, f.AGENT_DECODER, engine.agent_frame, _agent_error, s.agent_rate, s.agent_burst)
         finally:
             self._apply(engine.agent_disconnected(conn, self.now()))
             log.debug("agent %s session %s disconnected", agent_id, session_id)
@@ -420,14 +406,8 @@ class DeskpushServer:
     async def _integrator(self, conn: ServerConnection) -> None:
         key = self.api_keys.check_bearer(conn.request.headers.get("Authorization"))
         if key is None:
-            raw = await self._hello(conn)
-            if raw is not None:
-                try:
-                    hello = f.INTEGRATOR_DECODER.decode(raw)
-                except msgspec.MsgspecError:
-                    hello = None
-                if type(hello) is f.IntegratorHello:
-                    key = self.api_keys.check(hello.api_key)
+            hello = await self._hello(conn, f.INTEGRATOR_DECODER, f.IntegratorHello)
+            key = self.api_keys.check(hello.api_key) if hello is not None else None
             if key is None:
                 await conn.close(CLOSE_UNAUTHORIZED, "unauthorized")
                 return
@@ -435,22 +415,41 @@ class DeskpushServer:
         engine.integrator_connected(conn, key, self.now())
         log.debug("integrator %s connected from %s", key, conn.remote_address)
         s = self.config.server
-        bucket = _Bucket(s.integrator_rate, s.integrator_burst, self._loop.time())
-        decode = f.INTEGRATOR_DECODER.decode
         try:
-            while True:
-                raw = await conn.recv(decode=False)
-                if not bucket.take(self._loop.time()):
-                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
-                    break
-                try:
-                    frame = decode(raw)
-                except msgspec.MsgspecError as exc:
-                    self._apply([Send((conn,), _integrator_error(raw, exc))])
-                    continue
-                self._apply(engine.integrator_frame(conn, frame, self.now()))
-        except ConnectionClosed:
-            pass
+            await self._receive(conn, f.INTEGRATOR_DECODER, engine.integrator_frame, _integrator_error,
+                                s.integrator_rate, s.integrator_burst)
         finally:
             self._apply(engine.integrator_disconnected(conn, self.now()))
             log.debug("integrator %s disconnected", key)
+
+    async def _receive(
+        self,
+        conn: ServerConnection,
+        decoder: msgspec.json.Decoder,
+        handle: Callable[[ServerConnection, Any, float], list],
+        bad_frame: Callable[[bytes, msgspec.MsgspecError], Any],
+        rate: float,
+        burst: float,
+    ) -> None:
+        """Feed each frame of an authenticated connection to the engine until it closes.
+
+        A frame that does not decode gets ``bad_frame``'s error and the
+        connection stays open; past the rate limit the connection is closed.
+        """
+        loop_time = self._loop.time
+        bucket = _Bucket(rate, burst, loop_time())
+        decode = decoder.decode
+        try:
+            while True:
+                raw = await conn.recv(decode=False)
+                if not bucket.take(loop_time()):
+                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                    return
+                try:
+                    frame = decode(raw)
+                except msgspec.MsgspecError as exc:
+                    self._apply([Send((conn,), bad_frame(raw, exc))])
+                    continue
+                self._apply(handle(conn, frame, self.now()))
+        except ConnectionClosed:
+            pass
