@@ -417,11 +417,15 @@ function onWelcome(frame) {
   $("agent-avatar").textContent = initials(state.agentId);
   $("agent").hidden = false;
   // Offers shown before a disconnect that are not replayed now ended while we
-  // were away: mark every card, let the replay unmark them, sweep the rest.
-  for (const card of cards.values()) card.stale = true;
+  // were away. welcome.displayed lists what the replay will bring: sweep the
+  // rest at once. (A server without that field: mark every card, let the
+  // replay unmark them, sweep on the next other frame or after SETTLE_MS.)
+  const replayed = Array.isArray(frame.displayed) ? new Set(frame.displayed) : null;
+  for (const card of cards.values()) card.stale = replayed ? !replayed.has(card.id) : true;
   state.sweepPending = true;
   clearTimeout(state.settleTimer);
-  state.settleTimer = setTimeout(sweep, SETTLE_MS);
+  if (replayed) sweep();
+  else state.settleTimer = setTimeout(sweep, SETTLE_MS);
   setQueued(0); // the replay says so if work is waiting
   startKeepalive(); // its first ping measures the clock at once
 }

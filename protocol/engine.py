@@ -322,7 +322,8 @@ class Engine:
         self._sessions[conn] = agent
         out = self._effects
         target = (conn,)
-        out.append(Send(target, f.Welcome(agent_id=agent_id, session_id=session_id, server_time=int(now))))
+        out.append(Send(target, f.Welcome(agent_id=agent_id, session_id=session_id, server_time=int(now),
+                                          displayed=tuple(n.id for n in agent.displayed))))
         for n in agent.displayed:
             out.append(Send(target, n.frame))
         if agent.queue:

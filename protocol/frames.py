@@ -100,6 +100,9 @@ class Welcome(_Frame, tag="welcome"):
     agent_id: str
     session_id: str
     server_time: int
+    # Ids of the notifications replayed right after this frame: a desktop can
+    # drop at once every card it still shows that is not among them.
+    displayed: tuple[str, ...] = ()
 
 
 class Field(msgspec.Struct, frozen=True, gc=False):

@@ -75,7 +75,7 @@ def test_welcome_and_first_notification_wire_shape():
     h = Harness()
     out = h.connect("s1", "a1", "session-1")
     assert [wire(x) for x in sent_to(out, "s1")] == [
-        {"type": "welcome", "agentId": "a1", "sessionId": "session-1", "serverTime": int(T0)},
+        {"type": "welcome", "agentId": "a1", "sessionId": "session-1", "serverTime": int(T0), "displayed": []},
     ]
     assert h.integrator("i1", "k1") == []
     out = h.notify("i1", "r1", "a1", CHAT_AUTH, params={"customerName": "Ada", "queueName": "Billing"},

@@ -259,7 +259,8 @@ class EngineMachine(RuleBasedStateMachine):
                                                                               self.now))
         frames = self._only_to(sends, conn)
         assert not ended
-        assert frames[0] == f.Welcome(agent_id=agent, session_id=f"sess-{conn}", server_time=int(self.now))
+        assert frames[0] == f.Welcome(agent_id=agent, session_id=f"sess-{conn}", server_time=int(self.now),
+                                      displayed=tuple(displayed))
         assert [x.notification_id for x in frames[1:] if isinstance(x, f.Notification)] == displayed
         assert len(frames) == 1 + len(displayed) + (1 if queued else 0)
         self.grace.pop(agent, None)

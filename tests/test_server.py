@@ -231,6 +231,7 @@ async def test_reconnect_replays_displayed_with_original_expiry(server):
     card = await offer(server, ig, agent, progress=False)
     await agent.close()
     again, welcome = await open_agent(server)
+    assert welcome["displayed"] == [card["notificationId"]]
     replay = await recv_json(again)
     assert replay == card  # same id, same expiresAt
     await send_json(again, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
