@@ -218,7 +218,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert (frame.notification_id, frame.cancellation_token) == (req.nid, req.token)
                 assert req.statuses == {"queued": [], "displayed": ["queued"]}[frame.state]
                 req.statuses.append(frame.state)
-            case f.Result(value=f.NotifyValue() as v):
+            case f.Result(value=f.NotifyValue()):
                 req = self.requests[frame.request_id]
                 assert conn == req.conn and req.results == 0 and req.outcome is None
                 req.results += 1
