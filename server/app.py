@@ -38,6 +38,7 @@ from protocol import frames as f
 
 from .auth import AgentTokens, ApiKeys
 from .config import Config
+from .connection import Connection, _drop
 
 __all__ = ["DeskpushServer", "CLOSE_UNAUTHORIZED", "CLOSE_RATE_LIMITED"]
 
@@ -138,7 +139,8 @@ class DeskpushServer:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._dirty: dict[ServerConnection, None] = {}
+        self._dirty: dict[Connection, None] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._armed: float | None = None
         self._epoch0 = 0.0
@@ -169,6 +171,7 @@ class DeskpushServer:
             close_timeout=5,
             server_header="deskpush",
             backlog=s.backlog,
+            create_connection=Connection,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._restore_state()
@@ -250,7 +253,7 @@ class DeskpushServer:
                 )
         self._rearm()
 
-    def _send(self, conn: ServerConnection, data: bytes) -> None:
+    def _send(self, conn: Connection, data: bytes) -> None:
         transport = conn.transport
         if transport is None or transport.is_closing() or conn.protocol.state is not WsState.OPEN:
             return
@@ -263,7 +266,7 @@ class DeskpushServer:
         # Frame it now, write it at the end of this loop iteration: every frame
         # a connection gets in one iteration (results for an integrator with
         # many offers in flight) goes out in one write instead of one each.
-        conn.protocol.send_text(data)
+        conn.queue_text(data)
         self._dirty[conn] = None
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush_writes)
@@ -273,20 +276,9 @@ class DeskpushServer:
         dirty = self._dirty
         self._dirty = {}
         for conn in dirty:
-            chunks = conn.protocol.data_to_send()
             transport = conn.transport
-            if not chunks or transport is None or transport.is_closing():
-                continue
-            if b"" not in chunks:
-                transport.write(b"".join(chunks))
-                continue
-            # The protocol asked to half-close after its close frame (what
-            # websockets' own send_data does with an empty chunk).
-            transport.write(b"".join(chunks[: chunks.index(b"")]))
-            if transport.can_write_eof():
-                transport.write_eof()
-            else:
-                transport.close()
+            if transport is not None and not transport.is_closing():
+                conn.flush()
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()
@@ -369,24 +361,24 @@ class DeskpushServer:
     # ------------------------------------------------------------------
     # WebSocket endpoints
 
-    async def _handler(self, conn: ServerConnection) -> None:
+    async def _handler(self, conn: Connection) -> None:
         path = conn.request.path.partition("?")[0]
         if path == "/agent":
             await self._agent(conn)
         elif path == "/integrator":
             await self._integrator(conn)
 
-    async def _hello(self, conn: ServerConnection, decoder: msgspec.json.Decoder, kind: type) -> Any:
+    async def _hello(self, conn: Connection, decoder: msgspec.json.Decoder, kind: type) -> Any:
         """The first frame if it arrives in time and is a ``kind``, else None."""
         try:
             async with asyncio.timeout(self._hello_timeout):
-                raw = await conn.recv(decode=False)
+                raw = await conn.next_message()
             hello = decoder.decode(raw)
         except (TimeoutError, ConnectionClosed, msgspec.MsgspecError):
             return None
         return hello if type(hello) is kind else None
 
-    async def _agent(self, conn: ServerConnection) -> None:
+    async def _agent(self, conn: Connection) -> None:
         hello = await self._hello(conn, f.AGENT_DECODER, f.AgentHello)
         agent_id = self.tokens.verify(hello.token) if hello is not None else None
         if agent_id is None:
@@ -403,7 +395,7 @@ class DeskpushServer:
             self._apply(engine.agent_disconnected(conn, self.now()))
             log.debug("agent %s session %s disconnected", agent_id, session_id)
 
-    async def _integrator(self, conn: ServerConnection) -> None:
+    async def _integrator(self, conn: Connection) -> None:
         key = self.api_keys.check_bearer(conn.request.headers.get("Authorization"))
         if key is None:
             hello = await self._hello(conn, f.INTEGRATOR_DECODER, f.IntegratorHello)
@@ -424,32 +416,42 @@ class DeskpushServer:
 
     async def _receive(
         self,
-        conn: ServerConnection,
+        conn: Connection,
         decoder: msgspec.json.Decoder,
-        handle: Callable[[ServerConnection, Any, float], list],
+        handle: Callable[[Connection, Any, float], list],
         bad_frame: Callable[[bytes, msgspec.MsgspecError], Any],
         rate: float,
         burst: float,
     ) -> None:
         """Feed each frame of an authenticated connection to the engine until it closes.
 
-        A frame that does not decode gets ``bad_frame``'s error and the
-        connection stays open; past the rate limit the connection is closed.
+        Frames are handled as they are parsed, in ``data_received`` (see
+        ``server.connection``); this coroutine only waits for the end. A frame
+        that does not decode gets ``bad_frame``'s error and the connection
+        stays open; past the rate limit the connection is closed.
         """
         loop_time = self._loop.time
         bucket = _Bucket(rate, burst, loop_time())
         decode = decoder.decode
-        try:
-            while True:
-                raw = await conn.recv(decode=False)
-                if not bucket.take(loop_time()):
-                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
-                    return
-                try:
-                    frame = decode(raw)
-                except msgspec.MsgspecError as exc:
-                    self._apply([Send((conn,), bad_frame(raw, exc))])
-                    continue
-                self._apply(handle(conn, frame, self.now()))
-        except ConnectionClosed:
-            pass
+        apply = self._apply
+        now = self.now
+
+        def on_message(raw: bytes) -> None:
+            if not bucket.take(loop_time()):
+                conn.on_message = _drop
+                self._spawn(conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded"))
+                return
+            try:
+                frame = decode(raw)
+            except msgspec.MsgspecError as exc:
+                apply([Send((conn,), bad_frame(raw, exc))])
+                return
+            apply(handle(conn, frame, now()))
+
+        conn.set_on_message(on_message)
+        await conn.wait_closed()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
