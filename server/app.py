@@ -36,6 +36,7 @@ from protocol import Ended, Engine, Send
 from protocol import Snapshot
 from protocol import frames as f
 
+from . import logs
 from .auth import AgentTokens, ApiKeys
 from .config import Config
 from .connection import Connection, _drop
@@ -146,6 +147,7 @@ class DeskpushServer:
         self._epoch0 = 0.0
         self._mono0 = 0.0
         self._debug = False
+        self._log_outcome: Callable[[Ended], None] | None = None
         self.port = 0
 
     # ------------------------------------------------------------------
@@ -156,6 +158,7 @@ class DeskpushServer:
         self._mono0 = loop.time()
         self._epoch0 = time.time() * 1000.0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._log_outcome = self._outcome_logger()
         s = self.config.server
         self._server = await serve(
             self._handler,
@@ -243,15 +246,24 @@ class DeskpushServer:
                     self._send(conn, data)
                 if self._debug:
                     log.debug("send %s to %d", data[:200].decode(errors="replace"), len(effect.targets))
-            elif type(effect) is Ended:
-                o = effect.outcome
-                outcome_log.info(
-                    "outcome notificationId=%s agentId=%s correlationId=%s integrator=%s actionName=%s "
-                    "responseReason=%s delivered=%s",
-                    effect.notification_id, effect.agent_id, effect.correlation_id, effect.integrator,
-                    o.action_name, o.response_reason, effect.delivered,
-                )
+            elif type(effect) is Ended and self._log_outcome is not None:
+                self._log_outcome(effect)
         self._rearm()
+
+    def _outcome_logger(self) -> Callable[[Ended], None] | None:
+        """What writes the INFO line of each outcome, or None when INFO is off."""
+        write = logs.direct_writer(outcome_log, logging.INFO)
+        if write is None and not outcome_log.isEnabledFor(logging.INFO):
+            return None
+        emit = write if write is not None else outcome_log.info
+
+        def log_outcome(e: Ended) -> None:
+            o = e.outcome
+            emit(f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
+                 f"correlationId={e.correlation_id} integrator={e.integrator} actionName={o.action_name} "
+                 f"responseReason={o.response_reason} delivered={e.delivered}")
+
+        return log_outcome
 
     def _send(self, conn: Connection, data: bytes) -> None:
         transport = conn.transport

@@ -7,6 +7,15 @@ writes nothing there: lines collect in a list and are written with one
 costs one system call, and no second thread competes with the event loop for
 the interpreter lock (which is what a QueueHandler/QueueListener pair does).
 Outside a running loop (start-up, shutdown) it writes at once.
+
+The outcome line is the one line per event on the hot path, and building a
+``LogRecord`` for it (the clock, the record's dozen attributes, the handler
+lock, the formatter) cost more than the engine's work for the outcome.
+``direct_writer`` gives the server a way to write such a line straight into
+the handler's batch, formatted exactly as the handler would, whenever that
+changes nothing: the logger is enabled at that level, and its records would
+reach exactly one ``TickHandler`` with no filter on the way. Otherwise (a
+library user's own handlers, a filter) the server logs the usual way.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import TextIO
 
-__all__ = ["TickHandler", "setup"]
+__all__ = ["TickHandler", "direct_writer", "setup"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -28,11 +39,17 @@ class _Formatter(logging.Formatter):
     _stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.stamp(record.created)
+
+    def stamp(self, created: float) -> str:
+        """``asctime`` for a record created at ``created``, as ``logging`` renders it."""
+        second = int(created)
         if second != self._second:
             self._second = second
-            self._stamp = super().formatTime(record, datefmt).rpartition(",")[0]
-        return f"{self._stamp},{int(record.msecs):03d}"
+            ct = self.converter(created)
+            self._stamp = time.strftime(self.default_time_format, ct)
+        # LogRecord's msecs, without its rounding fix for the last microsecond.
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
 class TickHandler(logging.Handler):
@@ -48,6 +65,9 @@ class TickHandler(logging.Handler):
         except Exception:  # pragma: no cover - logging's own contract
             self.handleError(record)
             return
+        self._append(line)
+
+    def _append(self, line: str) -> None:
         self._lines.append(line)
         if self._scheduled:
             return
@@ -74,6 +94,43 @@ class TickHandler(logging.Handler):
     def close(self) -> None:
         self.flush()
         super().close()
+
+
+def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] | None:
+    """A function writing ``message`` as ``logger.log(level, message)`` would, or None.
+
+    None when ``logger`` is not enabled for ``level`` (the caller writes
+    nothing) or when its records would not go to exactly one ``TickHandler``
+    with deskpush's format and no filter (the caller logs the usual way).
+    Decided once: call it again after changing the logging configuration.
+    """
+    if not logger.isEnabledFor(level):
+        return None
+    handlers: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        handlers.extend(node.handlers)
+        if not node.propagate:
+            break
+        node = node.parent  # type: ignore[assignment]
+    if len(handlers) != 1:
+        return None
+    (handler,) = handlers
+    formatter = handler.formatter
+    if (type(handler) is not TickHandler or handler.filters or level < handler.level
+            or type(formatter) is not _Formatter or formatter._fmt != FORMAT):
+        return None
+    prefix = f" {logging.getLevelName(level)} {logger.name} "
+    stamp = formatter.stamp
+    append = handler._append
+    clock = time.time
+
+    def write(message: str) -> None:
+        append(stamp(clock()) + prefix + message)
+
+    return write
 
 
 def setup(level: str, stream: TextIO | None = None) -> TickHandler:

@@ -68,6 +68,7 @@ async def test_serve_with_no_arguments_prints_what_to_connect_with_and_stops_cle
         log = (await proc.stderr.read()).decode()
         # One INFO line per outcome, carrying the ids.
         line = next(ln for ln in log.splitlines() if "outcome" in ln)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO deskpush\.outcome outcome .*", line), line
         assert f"notificationId={card['notificationId']}" in line
         assert "agentId=agent-1" in line and "actionName=Accept responseReason=Accept" in line
     finally:

@@ -3,8 +3,12 @@
 import asyncio
 import io
 import logging
+import time
 
-from server.logs import TickHandler
+from server import logs
+from server.logs import FORMAT, TickHandler, _Formatter, direct_writer
+
+from .conftest import open_agent, open_integrator, recv_json, send_json
 
 
 class CountingStream(io.StringIO):
@@ -39,3 +43,63 @@ def test_outside_a_loop_lines_are_written_at_once():
     handler = TickHandler(stream)
     handler.emit(logging.makeLogRecord({"msg": "starting", "levelno": logging.INFO}))
     assert stream.getvalue() == "starting\n"
+
+
+def _tick_logger(name: str, stream: io.StringIO) -> tuple[logging.Logger, TickHandler]:
+    handler = TickHandler(stream)
+    handler.setFormatter(_Formatter(FORMAT))
+    log = logging.getLogger(name)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log, handler
+
+
+def test_direct_writer_writes_what_logging_would(monkeypatch):
+    stream = io.StringIO()
+    log, handler = _tick_logger("deskpush.test.direct", stream)
+    created = 1_790_000_000.0421
+    monkeypatch.setattr(logs.time, "time", lambda: created)
+    write = direct_writer(log, logging.INFO)
+    assert write is not None
+    write("outcome notificationId=n1 actionName=Accept")
+    record = logging.makeLogRecord({
+        "name": log.name, "levelno": logging.INFO, "levelname": "INFO",
+        "msg": "outcome notificationId=n1 actionName=Accept", "created": created, "msecs": 42.0,
+    })
+    assert stream.getvalue() == handler.format(record) + "\n"
+    assert stream.getvalue().startswith(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) + ",042 INFO ")
+
+
+def test_direct_writer_steps_aside_when_it_would_change_the_output():
+    stream = io.StringIO()
+    log, handler = _tick_logger("deskpush.test.aside", stream)
+    assert direct_writer(log, logging.DEBUG) is None  # not enabled: nothing to write
+    log.addFilter(lambda record: True)
+    assert direct_writer(log, logging.INFO) is None  # a filter must see every record
+    log.filters.clear()
+    log.addHandler(logging.StreamHandler(io.StringIO()))
+    assert direct_writer(log, logging.INFO) is None  # another handler must get it too
+    log.handlers[:] = [handler]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    assert direct_writer(log, logging.INFO) is None  # a different format
+    handler.setFormatter(_Formatter(FORMAT))
+    assert direct_writer(log, logging.INFO) is not None
+
+
+async def test_outcome_lines_reach_ordinary_logging_handlers(server, caplog):
+    """Embedded in another program (here pytest's capture), outcomes go through logging."""
+    caplog.set_level(logging.INFO, logger="deskpush.outcome")
+    server._log_outcome = server._outcome_logger()  # decided at start; the level changed since
+    agent, _ = await open_agent(server)
+    ig = await open_integrator(server)
+    await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "correlationId": "c-9",
+                         "input": {"templateName": "msdyn_chat_incoming_unauthenticated"}})
+    card = (await recv_json(agent))
+    await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Reject"})
+    while (await recv_json(ig))["type"] != "result":
+        pass
+    (record,) = [r for r in caplog.records if r.name == "deskpush.outcome"]
+    assert record.levelno == logging.INFO
+    assert f"notificationId={card['notificationId']} agentId=agent-7 correlationId=c-9 integrator=crm" in record.message
+    assert "actionName=Reject responseReason=DeclinedByAgent delivered=True" in record.message
