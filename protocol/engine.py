@@ -70,7 +70,7 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Template, render_fields, render_text
+from .templates import Renderer, Template
 
 __all__ = [
     "Engine",
@@ -108,16 +108,22 @@ QUEUE_TIME_LIMIT = Outcome("Reject", "NotificationQueueTimeLimitExceeded")
 DISPLAY_TIMEOUT = Outcome("Timeout", "DisplayTimeout")
 CANCELLED = Outcome("Cancel", "CancelledByIntegrator")
 AGENT_DISCONNECTED = Outcome("Reject", "AgentDisconnected")
+# The result value of each outcome, made once (frames are immutable).
+_VALUES = {
+    o: f.NotifyValue(action_name=o.action_name, response_reason=o.response_reason)
+    for o in (ACCEPTED, AUTO_ACCEPTED, DECLINED, QUEUE_LIMIT, QUEUE_TIME_LIMIT, DISPLAY_TIMEOUT, CANCELLED,
+              AGENT_DISCONNECTED)
+}
 
 
-class Send(NamedTuple):
+class Send(msgspec.Struct, frozen=True, gc=False):
     """Send ``frame`` to each connection in ``targets``."""
 
     targets: tuple[Conn, ...]
     frame: Any
 
 
-class Ended(NamedTuple):
+class Ended(msgspec.Struct, frozen=True, gc=False):
     """A notification reached its one outcome."""
 
     notification_id: str
@@ -246,6 +252,7 @@ class Engine:
         new_id: Callable[[], str] | None = None,
     ) -> None:
         self.templates = dict(templates)
+        self._renderers = {name: Renderer(t) for name, t in self.templates.items()}
         self.limits = limits
         self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
@@ -435,7 +442,10 @@ class Engine:
                                             f"agent {frame.agent_id!r} is not connected"))
             return
 
-        params = inp.template_parameters
+        render = self._renderers.get(inp.template_name)
+        if render is None or render.template is not template:  # templates changed since
+            render = self._renderers[inp.template_name] = Renderer(template)
+        title, fields = render(inp.template_parameters)
         n = _Notification(
             id=self._new_id(),
             agent=agent,
@@ -446,8 +456,8 @@ class Engine:
             correlation_id=frame.correlation_id,
             progress=frame.progress,
             template=template,
-            title=render_text(template.title, params),
-            fields=render_fields(template, params),
+            title=title,
+            fields=fields,
         )
         limits = self.limits
         if len(agent.displayed) >= limits.display_limit and len(agent.queue) >= limits.queue_limit:
@@ -591,7 +601,7 @@ class Engine:
                     owned.discard(n)
         self._remember(n)
 
-        value = f.NotifyValue(action_name=outcome.action_name, response_reason=outcome.response_reason)
+        value = _VALUES[outcome]
         delivered = n.owner is not None
         if delivered:
             self._reply(n.owner, f.Result(request_id=n.request_id, value=value))
@@ -608,7 +618,8 @@ class Engine:
                 self._effects.append(Send(tuple(agent.sessions), f.Resolved(
                     notification_id=n.id, action_name=outcome.action_name,
                     response_reason=outcome.response_reason)))
-            self._display_next(agent, now)
+            if agent.queue:
+                self._display_next(agent, now)
         elif was is State.QUEUED and n in agent.queue:
             agent.queue.remove(n)
             self._queue_changed(agent)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -22,7 +22,7 @@ from msgspec import Meta
 
 from .frames import Field
 
-__all__ = ["FieldTemplate", "Template", "BUILTIN_TEMPLATES", "render_text", "render_fields"]
+__all__ = ["FieldTemplate", "Template", "BUILTIN_TEMPLATES", "Renderer", "render_text", "render_fields"]
 
 _SLUG = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
@@ -81,6 +81,45 @@ def render_fields(template: Template, params: Mapping[str, Any]) -> tuple[Field,
         if value:
             fields.append(Field(header=f.header, value=value))
     return tuple(fields)
+
+
+def _compile(text: str) -> Callable[[Mapping[str, Any]], str]:
+    """``render_text`` for one ``text``, with its shape worked out once."""
+    parts = _split(text)
+    if len(parts) == 1:
+        return lambda params: text
+    if len(parts) == 3 and not parts[0] and not parts[2]:
+        slug = parts[1]  # the whole text is one slug: the usual field
+
+        def one(params: Mapping[str, Any]) -> str:
+            value = params.get(slug)
+            return value if type(value) is str else _text(value)
+
+        return one
+    return functools.partial(render_text, text)
+
+
+class Renderer:
+    """A template's title and fields, split once and filled per notification.
+
+    The same result as ``render_text(template.title, params)`` and
+    ``render_fields(template, params)``, at a fraction of the cost.
+    """
+
+    __slots__ = ("template", "title", "fields")
+
+    def __init__(self, template: Template) -> None:
+        self.template = template
+        self.title = _compile(template.title)
+        self.fields = tuple((f.header, _compile(f.value)) for f in template.fields)
+
+    def __call__(self, params: Mapping[str, Any]) -> tuple[str, tuple[Field, ...]]:
+        fields = []
+        for header, render in self.fields:
+            value = render(params).strip()
+            if value:
+                fields.append(Field(header=header, value=value))
+        return self.title(params), tuple(fields)
 
 
 def _t(name: str, title: str, icon: str, fields: list[tuple[str, str]], **kw: Any) -> Template:

@@ -39,7 +39,7 @@ from protocol import frames as f
 from . import logs
 from .auth import AgentTokens, ApiKeys
 from .config import Config
-from .connection import Connection, _drop
+from .connection import Connection, _drop, text_frame
 
 __all__ = ["DeskpushServer", "CLOSE_UNAUTHORIZED", "CLOSE_RATE_LIMITED"]
 
@@ -239,15 +239,26 @@ class DeskpushServer:
 
     def _apply(self, effects: list) -> None:
         encode = f.ENCODER.encode
+        dirty = self._dirty
         for effect in effects:
             if type(effect) is Send:
-                data = encode(effect.frame)
+                # Encoded and framed once, whatever the number of targets;
+                # queued on each open one, written at the end of this loop
+                # iteration by _flush_writes (one write per connection).
+                message = None
                 for conn in effect.targets:
-                    self._send(conn, data)
+                    if conn.protocol.state is WsState.OPEN:
+                        if message is None:
+                            message = text_frame(encode(effect.frame))
+                        conn.queue_frame(message)
+                        dirty[conn] = None
                 if self._debug:
-                    log.debug("send %s to %d", data[:200].decode(errors="replace"), len(effect.targets))
+                    log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
+                              len(effect.targets))
             elif type(effect) is Ended and self._log_outcome is not None:
                 self._log_outcome(effect)
+        if dirty and self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_writes)
         self._rearm()
 
     def _outcome_logger(self) -> Callable[[Ended], None] | None:
@@ -265,32 +276,22 @@ class DeskpushServer:
 
         return log_outcome
 
-    def _send(self, conn: Connection, data: bytes) -> None:
-        transport = conn.transport
-        if transport is None or transport.is_closing() or conn.protocol.state is not WsState.OPEN:
-            return
-        if transport.get_write_buffer_size() > self._outbound_limit:
-            # It cannot keep up; close it rather than buffer without bound.
-            # Its handler sees the close and the engine treats it as gone.
-            log.warning("closing %s: write buffer over %d bytes", conn.remote_address, self._outbound_limit)
-            transport.abort()
-            return
-        # Frame it now, write it at the end of this loop iteration: every frame
-        # a connection gets in one iteration (results for an integrator with
-        # many offers in flight) goes out in one write instead of one each.
-        conn.queue_text(data)
-        self._dirty[conn] = None
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush_writes)
-
     def _flush_writes(self) -> None:
         self._flush_handle = None
         dirty = self._dirty
         self._dirty = {}
+        limit = self._outbound_limit
         for conn in dirty:
             transport = conn.transport
-            if transport is not None and not transport.is_closing():
-                conn.flush()
+            if transport is None or transport.is_closing():
+                continue
+            if transport.get_write_buffer_size() > limit:
+                # It cannot keep up; close it rather than buffer without bound.
+                # Its handler sees the close and the engine treats it as gone.
+                log.warning("closing %s: write buffer over %d bytes", conn.remote_address, limit)
+                transport.abort()
+                continue
+            conn.flush()
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()

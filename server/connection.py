@@ -54,7 +54,7 @@ def text_frame(data: bytes) -> bytes:
 
 
 class Connection(ServerConnection):
-    """``ServerConnection`` plus ``on_message``, ``next_message()``, ``queue_text()`` and ``flush()``."""
+    """``ServerConnection`` plus ``on_message``, ``next_message()``, ``queue_frame()`` and ``flush()``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,9 +143,13 @@ class Connection(ServerConnection):
     # ------------------------------------------------------------------
     # Outgoing
 
-    def queue_text(self, data: bytes) -> None:
-        """Queue ``data`` (UTF-8 JSON) as one text message; ``flush()`` writes it."""
-        self._out.append(text_frame(data))
+    def queue_frame(self, frame: bytes) -> None:
+        """Queue a frame made by ``text_frame``; ``flush()`` writes it.
+
+        The caller checks that the connection is open, and may share one
+        frame among many connections.
+        """
+        self._out.append(frame)
 
     def flush(self) -> None:
         """Write every queued frame with one ``write``."""

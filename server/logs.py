@@ -58,6 +58,7 @@ class TickHandler(logging.Handler):
         self.stream = stream if stream is not None else sys.stderr
         self._lines: list[str] = []
         self._scheduled = False
+        self._turn_stamp: str | None = None  # see direct_writer
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -81,6 +82,7 @@ class TickHandler(logging.Handler):
 
     def flush(self) -> None:
         self._scheduled = False
+        self._turn_stamp = None
         lines = self._lines
         if not lines:
             return
@@ -128,7 +130,12 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     clock = time.time
 
     def write(message: str) -> None:
-        append(stamp(clock()) + prefix + message)
+        # Lines written in one loop turn share its first line's time (a turn
+        # lasts well under a millisecond at the rates where this matters).
+        when = handler._turn_stamp
+        if when is None:
+            when = handler._turn_stamp = stamp(clock())
+        append(when + prefix + message)
 
     return write
 

@@ -103,3 +103,18 @@ async def test_outcome_lines_reach_ordinary_logging_handlers(server, caplog):
     assert record.levelno == logging.INFO
     assert f"notificationId={card['notificationId']} agentId=agent-7 correlationId=c-9 integrator=crm" in record.message
     assert "actionName=Reject responseReason=DeclinedByAgent delivered=True" in record.message
+
+
+async def test_direct_lines_of_one_turn_share_its_time(monkeypatch):
+    stream = io.StringIO()
+    log, _ = _tick_logger("deskpush.test.turn", stream)
+    clock = iter([1_790_000_000.0015, 1_790_000_000.0025, 1_790_000_000.0035])
+    monkeypatch.setattr(logs.time, "time", lambda: next(clock))
+    write = direct_writer(log, logging.INFO)
+    write("a")
+    write("b")
+    await asyncio.sleep(0)  # the turn ends: lines written
+    write("c")
+    await asyncio.sleep(0)
+    stamps = [line.split(" INFO ")[0][-3:] for line in stream.getvalue().splitlines()]
+    assert stamps == ["001", "001", "002"]
