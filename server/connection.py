@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame, Opcode, apply_mask
 from websockets.protocol import State
 
 __all__ = ["Connection", "text_frame"]
@@ -64,6 +64,9 @@ class Connection(ServerConnection):
         self._waiter: asyncio.Future[bytes] | None = None
         self._parts: list[bytes] | None = None
         self._out: list[bytes] = []
+        self._fast = False  # parsing frames in _parse_fast
+        self._buf = b""  # a frame not complete yet, in fast mode
+        self._max_size: int | None = None
 
     # ------------------------------------------------------------------
     # Incoming
@@ -92,6 +95,9 @@ class Connection(ServerConnection):
             return
         if type(data) is not bytes:
             data = bytes(data)
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         on_message = self.on_message
         if on_message is None:
             waiter = self._waiter
@@ -107,8 +113,87 @@ class Connection(ServerConnection):
             # close this connection, as websockets does for a handler that raises.
             log.exception("error handling a message from %s", self.remote_address)
             self.on_message = _drop
+            self._fast = False
             self.protocol.fail(1011, "internal error")
             self.send_data()
+
+    # The common frame, parsed here. websockets' parser is a chain of
+    # generators that costs more per frame than deskpush's work on it. While
+    # the connection is open and websockets' parser waits at a frame boundary
+    # with nothing buffered, data_received parses complete, masked, final,
+    # uncompressed text or binary frames within max_size itself. At the first
+    # anything else (a ping, pong or close frame, a fragment, reserved bits,
+    # an oversized or unmasked frame) it hands the rest of the data, from that
+    # frame on, to websockets, which then sees exactly the byte stream it would
+    # have seen, starting on a frame boundary; the fast path resumes when
+    # websockets is back at a boundary.
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast:
+            self._parse_fast(data)
+            return
+        super().data_received(data)
+        if self.on_message is not None and self.on_message is not _drop:
+            self._fast = self._at_frame_boundary()
+
+    def _at_frame_boundary(self) -> bool:
+        protocol = self.protocol
+        if protocol.state is not OPEN or protocol.current_size is not None or protocol.reader.buffer:
+            return False
+        # Where websockets' parser is suspended: waiting for the first byte of
+        # a frame (at_eof), or inside a frame whose header it already took.
+        gen = protocol.parser
+        while gen.gi_yieldfrom is not None:
+            gen = gen.gi_yieldfrom
+        return gen.gi_code.co_name == "at_eof" and self._parts is None
+
+    def _parse_fast(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        end = len(buf)
+        pos = 0
+        max_size = self._max_size
+        protocol = self.protocol
+        while pos < end:
+            if protocol.state is not OPEN:
+                break
+            head1 = buf[pos]
+            if head1 != 0x81 and head1 != 0x82:  # FIN, no RSV bits, text or binary
+                break
+            if end - pos < 2:
+                self._buf = buf[pos:]
+                return
+            head2 = buf[pos + 1]
+            if head2 < 0x80:  # a client must mask
+                break
+            length = head2 & 0x7F
+            if length == 126:
+                if end - pos < 4:
+                    self._buf = buf[pos:]
+                    return
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 8
+            elif length == 127:
+                break
+            else:
+                start = pos + 6
+            if max_size is not None and length > max_size:
+                break
+            stop = start + length
+            if stop > end:
+                self._buf = buf[pos:]
+                return
+            pos = stop
+            self._deliver(apply_mask(buf[start:stop], buf[start - 4:start]))
+        else:
+            self._buf = b""
+            return
+        # Not a frame for this path (or the connection is closing): websockets
+        # takes the stream from this frame on.
+        self._fast = False
+        self._buf = b""
+        super().data_received(buf[pos:] if pos else buf)
+        if self.on_message is not None and self.on_message is not _drop:
+            self._fast = self._at_frame_boundary()
 
     async def next_message(self) -> bytes:
         """The next message not yet handed to ``on_message``; ConnectionClosed once closed."""
@@ -126,6 +211,10 @@ class Connection(ServerConnection):
         """Route messages to ``on_message``, starting with any held ones."""
         held, self._held = self._held, []
         self.on_message = on_message
+        protocol = self.protocol
+        sizes = [n for n in (protocol.max_message_size, protocol.max_fragment_size) if n is not None]
+        self._max_size = min(sizes) if sizes else None
+        self._fast = self._at_frame_boundary()
         for data in held:
             if self.on_message is not on_message:  # it closed the connection
                 break
@@ -133,6 +222,8 @@ class Connection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._fast = False
+        self._buf = b""
         self.on_message = None
         self._held.clear()
         self._out.clear()

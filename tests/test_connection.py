@@ -118,3 +118,149 @@ async def test_a_flood_gets_its_burst_answered_then_1008():
                     pongs += 1
         assert pongs == 20  # the burst; the hello is not counted
         assert agent.close_code == 1008
+
+
+def _client_bytes(port: int) -> tuple[ClientProtocol, bytes]:
+    """A sans-I/O client and the bytes of its handshake request."""
+    client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/agent"))
+    client.send_request(client.connect())
+    return client, b"".join(client.data_to_send())
+
+
+def _frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=True)
+
+
+PING = json.dumps({"type": "ping"}).encode()
+
+
+async def _goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close as a client should, so the server's shutdown need not wait for us."""
+    writer.write(_frame(Opcode.CLOSE, (1000).to_bytes(2, "big")))
+    async with asyncio.timeout(5 * UNIT):
+        while await reader.read(65536):
+            pass
+    writer.close()
+
+
+@pytest.fixture
+async def roomy():
+    """A server whose rate limit leaves room for a long mix of frames."""
+    config = Config(server=ServerSection(host="127.0.0.1", port=0, agent_rate=1000, agent_burst=1000))
+    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
+    """Whole, fragmented and control frames, cut anywhere: every one answered, in order."""
+    import random
+
+    from server.connection import Connection
+
+    fast = 0
+    parse_fast = Connection._parse_fast
+
+    def counting(self, data):
+        nonlocal fast
+        fast += 1
+        parse_fast(self, data)
+
+    monkeypatch.setattr(Connection, "_parse_fast", counting)
+    server = roomy
+    rng = random.Random(seed)
+    client, request = _client_bytes(server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request)
+    while client.state is not client.state.OPEN:
+        client.receive_data(await reader.read(65536))
+    client.events_received()  # the handshake response
+    hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
+    writer.write(_frame(Opcode.TEXT, hello))
+    while not client.events_received():  # the welcome
+        client.receive_data(await reader.read(65536))
+    stream = []
+    expected = []
+    for i in range(60):
+        kind = rng.choice(["text", "text", "text", "binary", "fragments", "ping", "big"])
+        if kind == "text":
+            stream.append(_frame(Opcode.TEXT, PING))
+            expected.append("pong")
+        elif kind == "binary":
+            stream.append(_frame(Opcode.BINARY, PING))
+            expected.append("pong")
+        elif kind == "big":  # a 16-bit length: padded past 125 bytes with an unknown field
+            body = json.dumps({"type": "ping", "pad": "x" * rng.randrange(120, 3000)}).encode()
+            stream.append(_frame(Opcode.TEXT, body))
+            expected.append("pong")  # unknown fields are ignored
+        elif kind == "fragments":
+            cut = rng.randrange(1, len(PING))
+            stream.append(_frame(Opcode.TEXT, PING[:cut], fin=False))
+            if rng.random() < 0.5:  # a control frame may come between fragments
+                stream.append(_frame(Opcode.PING, b"mid%d" % i))
+                expected.append(f"PONG mid{i}")
+            stream.append(_frame(Opcode.CONT, PING[cut:]))
+            expected.append("pong")
+        else:
+            stream.append(_frame(Opcode.PING, b"p%d" % i))
+            expected.append(f"PONG p{i}")
+    data = b"".join(stream)
+    while data:
+        n = rng.choice([1, 2, 3, 5, 7, 40, 300, 5000])
+        writer.write(data[:n])
+        data = data[n:]
+        await writer.drain()
+        if rng.random() < 0.3:
+            await asyncio.sleep(0.001)
+    got: list[str] = []
+    async with asyncio.timeout(10 * UNIT):
+        while len(got) < len(expected):
+            client.receive_data(await reader.read(65536))
+            for event in client.events_received():
+                if event.opcode is Opcode.PONG:
+                    got.append(f"PONG {event.data.decode()}")
+                elif event.opcode is Opcode.TEXT:
+                    got.append(json.loads(event.data)["type"])
+    # Control frames are answered as they are parsed, messages once handled,
+    # so a pong may overtake the replies to messages of the same read (as in
+    # websockets itself): each kind in order, none missing.
+    assert [g for g in got if g.startswith("PONG")] == [e for e in expected if e.startswith("PONG")]
+    assert [g for g in got if not g.startswith("PONG")] == [e for e in expected if not e.startswith("PONG")]
+    assert fast > 0  # the fast path did take part
+    await _goodbye(reader, writer)
+
+
+async def test_an_oversized_frame_on_the_fast_path_closes_1009():
+    config = Config(server=ServerSection(host="127.0.0.1", port=0, max_size=1000))
+    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        agent, _ = await open_agent(srv)
+        await send_json(agent, {"type": "ping"})
+        assert (await recv_json(agent))["type"] == "pong"
+        await agent.send(json.dumps({"type": "ping", "pad": "x" * 2000}))
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5 * UNIT):
+                while True:
+                    await agent.recv()
+        assert agent.close_code == 1009
+
+
+async def test_an_unmasked_frame_fails_the_connection(server):
+    client, request = _client_bytes(server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request)
+    while client.state is not client.state.OPEN:
+        client.receive_data(await reader.read(65536))
+    client.events_received()  # the handshake response
+    hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
+    writer.write(_frame(Opcode.TEXT, hello))
+    writer.write(Frame(Opcode.TEXT, PING).serialize(mask=False))
+    closes = []
+    async with asyncio.timeout(5 * UNIT):
+        while not closes:
+            data = await reader.read(65536)
+            if not data:
+                break
+            client.receive_data(data)
+            closes = [e for e in client.events_received() if e.opcode is Opcode.CLOSE]
+    assert closes and closes[0].data[:2] == (1002).to_bytes(2, "big")  # protocol error
+    await _goodbye(reader, writer)
