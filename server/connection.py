@@ -138,14 +138,17 @@ class Connection(ServerConnection):
 
     def _at_frame_boundary(self) -> bool:
         protocol = self.protocol
-        if protocol.state is not OPEN or protocol.current_size is not None or protocol.reader.buffer:
+        try:
+            if protocol.state is not OPEN or protocol.current_size is not None or protocol.reader.buffer:
+                return False
+            # Where websockets' parser is suspended: waiting for the first byte
+            # of a frame (at_eof), or inside a frame whose header it took.
+            gen = protocol.parser
+            while gen.gi_yieldfrom is not None:
+                gen = gen.gi_yieldfrom
+            return gen.gi_code.co_name == "at_eof" and self._parts is None
+        except AttributeError:  # another websockets release: websockets parses everything
             return False
-        # Where websockets' parser is suspended: waiting for the first byte of
-        # a frame (at_eof), or inside a frame whose header it already took.
-        gen = protocol.parser
-        while gen.gi_yieldfrom is not None:
-            gen = gen.gi_yieldfrom
-        return gen.gi_code.co_name == "at_eof" and self._parts is None
 
     def _parse_fast(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
