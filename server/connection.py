@@ -215,7 +215,8 @@ class Connection(ServerConnection):
         held, self._held = self._held, []
         self.on_message = on_message
         protocol = self.protocol
-        sizes = [n for n in (protocol.max_message_size, protocol.max_fragment_size) if n is not None]
+        sizes = [n for n in (getattr(protocol, "max_message_size", None), getattr(protocol, "max_fragment_size", None))
+                 if n is not None]
         self._max_size = min(sizes) if sizes else None
         self._fast = self._at_frame_boundary()
         for data in held:
