@@ -403,7 +403,9 @@ class DeskpushServer:
         log.debug("agent %s session %s connected from %s", agent_id, session_id, conn.remote_address)
         s = self.config.server
         try:
-            await self._receive(conn, f.AGENT_DECODER, engine.agent_frame, _agent_error, s.agent_rate, s.agent_burst)
+            conn.set_on_message(self._on_message(conn, f.AGENT_DECODER, engine.agent_frame, _agent_error,
+                                                 s.agent_rate, s.agent_burst))
+            await conn.wait_closed()
         finally:
             self._apply(engine.agent_disconnected(conn, self.now()))
             log.debug("agent %s session %s disconnected", agent_id, session_id)
@@ -421,13 +423,14 @@ class DeskpushServer:
         log.debug("integrator %s connected from %s", key, conn.remote_address)
         s = self.config.server
         try:
-            await self._receive(conn, f.INTEGRATOR_DECODER, engine.integrator_frame, _integrator_error,
-                                s.integrator_rate, s.integrator_burst)
+            conn.set_on_message(self._on_message(conn, f.INTEGRATOR_DECODER, engine.integrator_frame,
+                                                 _integrator_error, s.integrator_rate, s.integrator_burst))
+            await conn.wait_closed()
         finally:
             self._apply(engine.integrator_disconnected(conn, self.now()))
             log.debug("integrator %s disconnected", key)
 
-    async def _receive(
+    def _on_message(
         self,
         conn: Connection,
         decoder: msgspec.json.Decoder,
@@ -435,13 +438,13 @@ class DeskpushServer:
         bad_frame: Callable[[bytes, msgspec.MsgspecError], Any],
         rate: float,
         burst: float,
-    ) -> None:
-        """Feed each frame of an authenticated connection to the engine until it closes.
+    ) -> Callable[[bytes], None]:
+        """What feeds each frame of an authenticated connection to the engine.
 
-        Frames are handled as they are parsed, in ``data_received`` (see
-        ``server.connection``); this coroutine only waits for the end. A frame
-        that does not decode gets ``bad_frame``'s error and the connection
-        stays open; past the rate limit the connection is closed.
+        It runs as the frame is parsed, in ``data_received`` (see
+        ``server.connection``). A frame that does not decode gets
+        ``bad_frame``'s error and the connection stays open; past the rate
+        limit the connection is closed.
         """
         loop_time = self._loop.time
         bucket = _Bucket(rate, burst, loop_time())
@@ -461,8 +464,7 @@ class DeskpushServer:
                 return
             apply(handle(conn, frame, now()))
 
-        conn.set_on_message(on_message)
-        await conn.wait_closed()
+        return on_message
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)

@@ -56,6 +56,10 @@ def text_frame(data: bytes) -> bytes:
 class Connection(ServerConnection):
     """``ServerConnection`` plus ``on_message``, ``next_message()``, ``queue_frame()`` and ``flush()``."""
 
+    # In slots: ServerConnection's instance dict is near a size step, and a
+    # few more keys in it cost more per connection than the slots do.
+    __slots__ = ("on_message", "_held", "_waiter", "_parts", "_out", "_fast", "_buf", "_max_size")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Called with each complete message (text or binary) as bytes.
@@ -224,6 +228,13 @@ class Connection(ServerConnection):
                 break
             on_message(data)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Messages go to on_message or next_message(), never through recv():
+        # websockets' message queue would sit empty for the life of the
+        # connection, at about 1.5 KiB each.
+        self.recv_messages = _NO_MESSAGES  # type: ignore[assignment]
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._fast = False
@@ -260,6 +271,21 @@ class Connection(ServerConnection):
         if self._out:
             self.flush()
         super().send_data()
+
+
+class _NoMessages:
+    """Stands in for websockets' Assembler: this connection delivers messages itself."""
+
+    def close(self) -> None:
+        pass
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("deskpush's Connection hands messages to on_message; recv() is not available")
+
+    get = get_iter = put = _refuse
+
+
+_NO_MESSAGES = _NoMessages()
 
 
 def _drop(data: bytes) -> None:
