@@ -48,8 +48,10 @@ outcome_log = logging.getLogger("deskpush.outcome")
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_RATE_LIMITED = 1008
-# Deadlines ended per timer callback before I/O gets a turn.
-TIMER_BATCH = 500
+# Deadlines are ended TIMER_CHUNK at a time, for up to TIMER_BUDGET seconds
+# per timer callback before I/O gets a turn.
+TIMER_CHUNK = 500
+TIMER_BUDGET = 0.1
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
 CONTENT_TYPES = {
@@ -243,15 +245,12 @@ class DeskpushServer:
         for effect in effects:
             if type(effect) is Send:
                 # Encoded and framed once, whatever the number of targets;
-                # queued on each open one, written at the end of this loop
-                # iteration by _flush_writes (one write per connection).
-                message = None
+                # queued on each, written at the end of this loop iteration by
+                # _flush_writes (one write per connection, if still open).
+                message = text_frame(encode(effect.frame))
                 for conn in effect.targets:
-                    if conn.protocol.state is WsState.OPEN:
-                        if message is None:
-                            message = text_frame(encode(effect.frame))
-                        conn.queue_frame(message)
-                        dirty[conn] = None
+                    conn.queue_frame(message)
+                    dirty[conn] = None
                 if self._debug:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
                               len(effect.targets))
@@ -284,6 +283,11 @@ class DeskpushServer:
         for conn in dirty:
             transport = conn.transport
             if transport is None or transport.is_closing():
+                continue
+            if conn.protocol.state is not WsState.OPEN:
+                # Closing: what it had before its close frame went out with it
+                # (Connection.send_data); nothing may follow that frame.
+                conn.discard_queued()
                 continue
             if transport.get_write_buffer_size() > limit:
                 # It cannot keep up; close it rather than buffer without bound.
@@ -318,9 +322,18 @@ class DeskpushServer:
         if deadline is not None and deadline > now:
             now = deadline
         # Thousands may fall due together (a burst of offers displayed at once,
-        # or a pause): end them in batches, so the first results are written
-        # and other clients are served while the rest wait their turn.
-        self._apply(self.engine.handle_timer(now, limit=TIMER_BATCH))
+        # or a pause). End them in chunks for up to TIMER_BUDGET seconds, then
+        # write and let other clients in; the timer, re-armed in the past,
+        # carries on with the rest in the next loop iteration. Ending many per
+        # iteration is what makes a burst cheap: each connection gets all its
+        # frames of the iteration in one write.
+        engine = self.engine
+        stop = time.perf_counter() + TIMER_BUDGET
+        while True:
+            self._apply(engine.handle_timer(now, limit=TIMER_CHUNK))
+            due = engine.next_deadline()
+            if due is None or due > now or time.perf_counter() > stop:
+                break
 
     # ------------------------------------------------------------------
     # HTTP before the upgrade: auth, health, static files

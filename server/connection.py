@@ -252,10 +252,13 @@ class Connection(ServerConnection):
     def queue_frame(self, frame: bytes) -> None:
         """Queue a frame made by ``text_frame``; ``flush()`` writes it.
 
-        The caller checks that the connection is open, and may share one
-        frame among many connections.
+        One frame may be shared among many connections. Whoever flushes
+        checks that the connection is still open (``discard_queued`` if not).
         """
         self._out.append(frame)
+
+    def discard_queued(self) -> None:
+        self._out.clear()
 
     def flush(self) -> None:
         """Write every queued frame with one ``write``."""

@@ -273,8 +273,23 @@ def test_display_timeout_at_expires_at_not_before():
     assert h.engine.next_deadline() is None
 
 
+def test_deadlines_round_up_to_the_timer_resolution():
+    """Offers arriving within one step time out together; none gets less than its timeout."""
+    h = setup(now=T0 + 1)  # timer_resolution 0.05 s by default
+    first = offer(h, "r1", template=VOICE)
+    h.connect("s2", "a2")
+    h.now = T0 + 49.5
+    second = offer(h, "r2", agent="a2", template=VOICE)
+    notes = sent_to(h.log, "s1", f.Notification) + sent_to(h.log, "s2", f.Notification)
+    assert [n.expires_at for n in notes] == [T0 + 30_050, T0 + 30_050]
+    assert h.engine.next_deadline() == T0 + 30_050
+    assert h.at(T0 + 30_049) == []
+    out = h.at(T0 + 30_050)
+    assert sorted(e.notification_id for e in ended(out)) == sorted([first, second])
+
+
 def test_display_timeout_with_fractional_clock_never_fires_before_expires_at():
-    h = setup(now=T0 + 0.75)
+    h = setup(Limits(timer_resolution=0), now=T0 + 0.75)
     offer(h, "r1", template=VOICE)
     note = sent_to(h.log, "s1", f.Notification)[0]
     deadline = h.engine.next_deadline()

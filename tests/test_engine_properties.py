@@ -27,6 +27,7 @@ they must answer the same, since events run the deadlines already due.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
@@ -82,10 +83,19 @@ class Req:
     template: str = ""
     displayed_at: float | None = None
     expires_at: int | None = None
+    step: float = 0.0  # the engine's timer_resolution, in ms
 
     def display_deadline(self) -> float:
         assert self.displayed_at is not None
-        return self.displayed_at + TEMPLATES[self.template].timeout * 1000.0
+        return rounded(self.displayed_at + TEMPLATES[self.template].timeout * 1000.0, self.step)
+
+    def queue_deadline(self, queue_timeout: float) -> float:
+        return rounded(self.at + queue_timeout * 1000.0, self.step)
+
+
+def rounded(when: float, step: float) -> float:
+    """A deadline as the engine sets it: up to a multiple of ``step`` ms (0: exact)."""
+    return math.ceil(when / step) * step if step else when
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -102,10 +112,11 @@ class EngineMachine(RuleBasedStateMachine):
         queue_timeout=st.sampled_from([0.3, 2.5, 6.0]),
         grace=st.sampled_from([0.0, 0.2, 1.0, 5.0]),
         start=st.sampled_from([T0, T0 + 0.25]),
+        resolution=st.sampled_from([0.0, 0.05]),
     )
-    def setup(self, display_limit, queue_limit, queue_timeout, grace, start):
+    def setup(self, display_limit, queue_limit, queue_timeout, grace, start, resolution):
         self.limits = Limits(display_limit=display_limit, queue_limit=queue_limit,
-                             queue_timeout=queue_timeout, presence_grace=grace)
+                             queue_timeout=queue_timeout, presence_grace=grace, timer_resolution=resolution)
         self.counter = itertools.count(1)
         self.issued: list[str] = []
         self.engine = Engine(TEMPLATES, self.limits, new_id=self._new_id)
@@ -384,7 +395,8 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             expected_error = None
 
-        req = Req(rid, conn, key, agent, progress, self.now, template=template)
+        req = Req(rid, conn, key, agent, progress, self.now, template=template,
+                  step=self.limits.timer_resolution * 1000.0)
         del self.issued[:]
         effects = self.engine.integrator_frame(conn, frame, self.now)
         if expected_error is None:
@@ -496,7 +508,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert req.expires_at is None or when >= req.expires_at, "display timeout before expiresAt"
             if e.outcome == QUEUE_TIME_LIMIT:
                 assert req.displayed_at is None
-                assert when >= req.at + self.limits.queue_timeout * 1000.0
+                assert when >= req.queue_deadline(self.limits.queue_timeout)
         gone = {a for a, d in self.grace.items() if d <= when}
         self._forgotten(gone)
         assert {e.agent_id for e in ended if e.outcome == AGENT_DISCONNECTED} <= gone
@@ -573,7 +585,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert self.now < req.display_deadline(), "displayed past its display timeout"
                 assert req.expires_at is None or req.expires_at > self.now - 1
             for nid in queued:
-                assert self.now < self.by_nid[nid].at + lim.queue_timeout * 1000.0
+                assert self.now < self.by_nid[nid].queue_deadline(lim.queue_timeout)
             assert self.engine.is_agent_present(agent) == (agent in self.present)
             for conn, a in self.sessions.items():
                 if a == agent:

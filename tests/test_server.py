@@ -152,6 +152,28 @@ async def test_display_timeout_runs_on_the_server():
         assert err["notificationId"] == card["notificationId"]
 
 
+async def test_a_burst_of_timeouts_ends_each_offer_once(monkeypatch):
+    """Many deadlines due at once are ended chunk by chunk, none twice, none lost."""
+    from server import app
+
+    monkeypatch.setattr(app, "TIMER_CHUNK", 7)  # many chunks, and many timer runs
+    monkeypatch.setattr(app, "TIMER_BUDGET", 0.0)
+    async with DeskpushServer(short_config(display_limit=10), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        agents = [(await open_agent(srv, f"agent-{i}"))[0] for i in range(6)]
+        ig = await open_integrator(srv)
+        for i in range(60):
+            await send_json(ig, notify(f"r{i}", agent_id=f"agent-{i % 6}", progress=False, input={"templateName": "fast"}))
+        results = {}
+        while len(results) < 60:
+            frame = await recv_json(ig)
+            assert frame["type"] == "result" and frame["requestId"] not in results, frame
+            results[frame["requestId"]] = frame["value"]
+        assert set(map(tuple, (v.values() for v in results.values()))) == {("Timeout", "DisplayTimeout")}
+        for agent in agents:
+            frames = [await recv_json(agent) for _ in range(20)]
+            assert sum(f["type"] == "resolved" for f in frames) == 10
+
+
 async def test_queue_limit_and_queue_timeout():
     config = short_config(timeout=30, queue_limit=1, queue_timeout=0.3)
     async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
