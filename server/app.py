@@ -51,6 +51,9 @@ CLOSE_RATE_LIMITED = 1008
 # Deadlines are ended TIMER_CHUNK at a time, for up to TIMER_BUDGET seconds
 # per timer callback before I/O gets a turn.
 TIMER_CHUNK = 500
+# A connection with this many frames queued is written at once, not at the
+# end of the loop iteration.
+WRITE_AT = 64
 TIMER_BUDGET = 0.1
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
@@ -249,7 +252,11 @@ class DeskpushServer:
                 # _flush_writes (one write per connection, if still open).
                 message = text_frame(encode(effect.frame))
                 for conn in effect.targets:
-                    conn.queue_frame(message)
+                    if conn.queue_frame(message) >= WRITE_AT:
+                        # A full batch (an integrator's results during a burst
+                        # of outcomes): write it now rather than at the end of
+                        # a long loop iteration.
+                        self._write(conn)
                     dirty[conn] = None
                 if self._debug:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
@@ -279,23 +286,26 @@ class DeskpushServer:
         self._flush_handle = None
         dirty = self._dirty
         self._dirty = {}
-        limit = self._outbound_limit
         for conn in dirty:
-            transport = conn.transport
-            if transport is None or transport.is_closing():
-                continue
-            if conn.protocol.state is not WsState.OPEN:
-                # Closing: what it had before its close frame went out with it
-                # (Connection.send_data); nothing may follow that frame.
-                conn.discard_queued()
-                continue
-            if transport.get_write_buffer_size() > limit:
-                # It cannot keep up; close it rather than buffer without bound.
-                # Its handler sees the close and the engine treats it as gone.
-                log.warning("closing %s: write buffer over %d bytes", conn.remote_address, limit)
-                transport.abort()
-                continue
-            conn.flush()
+            self._write(conn)
+
+    def _write(self, conn: Connection) -> None:
+        """Write what ``conn`` has queued, unless it is closing or cannot keep up."""
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        if conn.protocol.state is not WsState.OPEN:
+            # Closing: what it had before its close frame went out with it
+            # (Connection.send_data); nothing may follow that frame.
+            conn.discard_queued()
+            return
+        if transport.get_write_buffer_size() > self._outbound_limit:
+            # It cannot keep up; close it rather than buffer without bound.
+            # Its handler sees the close and the engine treats it as gone.
+            log.warning("closing %s: write buffer over %d bytes", conn.remote_address, self._outbound_limit)
+            transport.abort()
+            return
+        conn.flush()
 
     def _rearm(self) -> None:
         deadline = self.engine.next_deadline()

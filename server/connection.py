@@ -249,13 +249,16 @@ class Connection(ServerConnection):
     # ------------------------------------------------------------------
     # Outgoing
 
-    def queue_frame(self, frame: bytes) -> None:
+    def queue_frame(self, frame: bytes) -> int:
         """Queue a frame made by ``text_frame``; ``flush()`` writes it.
 
         One frame may be shared among many connections. Whoever flushes
         checks that the connection is still open (``discard_queued`` if not).
+        Returns how many frames are queued now.
         """
-        self._out.append(frame)
+        out = self._out
+        out.append(frame)
+        return len(out)
 
     def discard_queued(self) -> None:
         self._out.clear()
