@@ -462,7 +462,8 @@ NOTES = """\
 - **Servers.** deskpush: `deskpush serve --config <generated> --log-level INFO` with every feature on: agent
   JWTs (HS256) and an integrator API key, frame validation, templates (the built-in
   `msdyn_chat_incoming_unauthenticated`; a `bench_timeout` template with a 2 s timeout), queue limits
-  (`displayLimit` 1, 10 for the timeout storm; `queueLimit` 100), one INFO log line per outcome (to a file).
+  (`displayLimit` 1, 10 for the timeout storm; `queueLimit` 100), one INFO log line per outcome (to a file),
+  the default `timerResolution` (deadlines, and so `expiresAt`, rounded up to 50 ms).
   Only the rate limits are raised (`agentRate` 1000/s, `integratorRate` 10^6/s) so that the load is not
   refused. The floor (`bench/peers/floor.py`): websockets + uvloop + msgspec, forwards offers and answers with
   one `call_later` per offer, reads the agent id from the JWT unverified, nothing else; it listens with a
@@ -476,7 +477,8 @@ NOTES = """\
   message fewer per offer.
 - **Generator.** `bench/gen.js`: one Node.js process holding every agent and the integrator (`ws`, or
   for the Socket.IO peers, its own few lines of Socket.IO v5 on `ws`, much cheaper than socket.io-client).
-  Its CPU is in the table, as % of one core over the window.
+  Its CPU is in the table, as % of one core over the window. Near 100% it is the bottleneck (the cancel
+  storm against deskpush): that server's rate is then a lower bound.
 - **Offer round trip.** 200 agents answer Accept at once; 100 notifyEvents in flight (slot *i* offers to
   agents *i* and *i*+100 in turn, so no agent holds two); 0.5 s warm-up, then a 10 s window. Latency:
   notifyEvent sent -> result received, in the generator. CPU µs/outcome: server CPU in the window / outcomes.
