@@ -650,7 +650,10 @@ function tick() {
     const remaining = (Number(f.expiresAt) || 0) - now;
     const expired = remaining <= 0;
     if (f.showTimeout) {
-      const text = expired ? "0:00" : formatRemaining(remaining);
+      // expiresAt may be a few ms past display + timeoutSeconds (the server
+      // rounds deadlines up to its timer resolution): show at most the timeout.
+      const shown = Math.min(remaining, (Number(f.timeoutSeconds) || Infinity) * 1000);
+      const text = expired ? "0:00" : formatRemaining(shown);
       if (text !== card.lastText) {
         card.countdownEl.textContent = text;
         card.lastText = text;
