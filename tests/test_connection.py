@@ -244,7 +244,27 @@ async def test_an_oversized_frame_on_the_fast_path_closes_1009():
         assert agent.close_code == 1009
 
 
-async def test_an_unmasked_frame_fails_the_connection(server):
+def _masked(head1: int, payload: bytes, length_bytes: bytes | None = None) -> bytes:
+    """A frame built by hand: ``head1`` as given, masked with a zero key."""
+    n = len(payload)
+    if length_bytes is None:
+        length_bytes = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([head1]) + length_bytes + b"\0\0\0\0" + payload
+
+
+BAD_FRAMES = {
+    "unmasked": (Frame(Opcode.TEXT, PING).serialize(mask=False), 1002),
+    "reserved bit": (_masked(0x80 | 0x40 | 0x1, PING), 1002),
+    "reserved opcode": (_masked(0x80 | 0x3, PING), 1002),
+    "continuation first": (_masked(0x80 | 0x0, PING), 1002),
+    "64-bit length past max_size": (_masked(0x81, b"", bytes([0x80 | 127]) + (1 << 20).to_bytes(8, "big")), 1009),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+async def test_a_bad_frame_fails_only_its_connection(server, name):
+    data, code = BAD_FRAMES[name]
+    other, _ = await open_agent(server, "other")
     client, request = _client_bytes(server.port)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request)
@@ -253,14 +273,20 @@ async def test_an_unmasked_frame_fails_the_connection(server):
     client.events_received()  # the handshake response
     hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
     writer.write(_frame(Opcode.TEXT, hello))
-    writer.write(Frame(Opcode.TEXT, PING).serialize(mask=False))
-    closes = []
+    while not client.events_received():  # the welcome: the fast path is on from here
+        client.receive_data(await reader.read(65536))
+    writer.write(_frame(Opcode.TEXT, PING) + data)
+    got = []
     async with asyncio.timeout(5 * UNIT):
-        while not closes:
-            data = await reader.read(65536)
-            if not data:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
                 break
-            client.receive_data(data)
-            closes = [e for e in client.events_received() if e.opcode is Opcode.CLOSE]
-    assert closes and closes[0].data[:2] == (1002).to_bytes(2, "big")  # protocol error
-    await _goodbye(reader, writer)
+            client.receive_data(chunk)
+            got += client.events_received()
+    assert json.loads(got[0].data)["type"] == "pong"  # the good frame before it was handled
+    closes = [e for e in got if e.opcode is Opcode.CLOSE]
+    assert closes and closes[0].data[:2] == code.to_bytes(2, "big")
+    writer.close()
+    await send_json(other, {"type": "ping"})
+    assert (await recv_json(other))["type"] == "pong"
