@@ -5,15 +5,19 @@ what the engine answers. Running that through ``recv()`` costs more than the
 work itself: every message goes through the connection's queue, wakes the
 handler task and resumes a chain of coroutines. ``Connection`` hands each
 complete message to ``on_message`` from ``data_received`` instead, in the loop
-iteration that read it, and queues outgoing text frames in a list that
-``flush()`` writes with one ``write``.
+iteration that read it (``recv()`` is not available), and queues outgoing text
+frames in a list that ``flush()`` writes with one ``write``.
 
-What stays with websockets: the handshake, parsing and unmasking frames,
-fragmented messages, ``max_size``, ping/pong and keepalive, and the closing
-handshake. What this module does itself is the one frame a server sends most,
-an unmasked, unfragmented, uncompressed text frame (RFC 6455, section 5.2),
-which ``tests/test_connection.py`` checks byte for byte against websockets'
-own ``Frame.serialize``.
+Two frames are handled here rather than by websockets' generic code, because
+they are nearly all the traffic: the client's complete, masked, unfragmented
+text or binary frame (parsed in ``_parse_fast`` while websockets' parser waits
+at a frame boundary; anything else goes to websockets, see below), and the
+server's unmasked, unfragmented, uncompressed text frame (``text_frame``,
+RFC 6455 section 5.2). ``tests/test_connection.py`` checks the first against
+any mix of frames cut at any byte and the second byte for byte against
+websockets' own ``Frame.serialize``. Everything else stays with websockets:
+the handshake, control frames, fragmented messages, ``max_size``, protocol
+errors, keepalive and the closing handshake.
 
 Before the handler sets ``on_message``, messages are held in arrival order
 (at most one read's worth, since the handler runs in the next loop turn), and
