@@ -636,6 +636,14 @@ class Engine:
             box.append((n.request_id, outcome))
         out.append(Ended(n.id, agent.id, key, n.correlation_id, outcome, delivered))
 
+        # Remembered ended notifications answer late responds and cancels
+        # from their id, agent, token and outcome; the card and the
+        # connection are not needed any more (100,000 of them by default).
+        n.frame = None
+        n.fields = ()
+        n.title = n.request_id = ""
+        n.correlation_id = n.owner = None
+
         if was is DISPLAYED:
             agent.displayed.remove(n)
             if agent.sessions:
