@@ -134,6 +134,21 @@ def _frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
 PING = json.dumps({"type": "ping"}).encode()
 
 
+async def _raw_agent(server) -> tuple[ClientProtocol, asyncio.StreamReader, asyncio.StreamWriter]:
+    """An agent on a raw socket, past its hello: frames can then be written byte by byte."""
+    client, request = _client_bytes(server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request)
+    while client.state is not client.state.OPEN:
+        client.receive_data(await reader.read(65536))
+    client.events_received()  # the handshake response
+    hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
+    writer.write(_frame(Opcode.TEXT, hello))
+    while not client.events_received():  # the welcome: the fast path is on from here
+        client.receive_data(await reader.read(65536))
+    return client, reader, writer
+
+
 async def _goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Close as a client should, so the server's shutdown need not wait for us."""
     writer.write(_frame(Opcode.CLOSE, (1000).to_bytes(2, "big")))
@@ -169,16 +184,7 @@ async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
     monkeypatch.setattr(Connection, "_parse_fast", counting)
     server = roomy
     rng = random.Random(seed)
-    client, request = _client_bytes(server.port)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(request)
-    while client.state is not client.state.OPEN:
-        client.receive_data(await reader.read(65536))
-    client.events_received()  # the handshake response
-    hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
-    writer.write(_frame(Opcode.TEXT, hello))
-    while not client.events_received():  # the welcome
-        client.receive_data(await reader.read(65536))
+    client, reader, writer = await _raw_agent(server)
     stream = []
     expected = []
     for i in range(60):
@@ -265,16 +271,7 @@ BAD_FRAMES = {
 async def test_a_bad_frame_fails_only_its_connection(server, name):
     data, code = BAD_FRAMES[name]
     other, _ = await open_agent(server, "other")
-    client, request = _client_bytes(server.port)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(request)
-    while client.state is not client.state.OPEN:
-        client.receive_data(await reader.read(65536))
-    client.events_received()  # the handshake response
-    hello = json.dumps({"type": "hello", "token": server.tokens.issue("agent-7")}).encode()
-    writer.write(_frame(Opcode.TEXT, hello))
-    while not client.events_received():  # the welcome: the fast path is on from here
-        client.receive_data(await reader.read(65536))
+    client, reader, writer = await _raw_agent(server)
     writer.write(_frame(Opcode.TEXT, PING) + data)
     got = []
     async with asyncio.timeout(5 * UNIT):
