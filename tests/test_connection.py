@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from hypothesis import given
@@ -287,3 +288,17 @@ async def test_a_bad_frame_fails_only_its_connection(server, name):
     writer.close()
     await send_json(other, {"type": "ping"})
     assert (await recv_json(other))["type"] == "pong"
+
+
+async def test_a_client_gone_mid_frame_is_just_disconnected(server, caplog):
+    """Half a frame, then the socket closes: the session ends, nothing is logged as an error."""
+    client, reader, writer = await _raw_agent(server)
+    assert server.engine.statistics()["agentSessions"] == 1
+    frame = _frame(Opcode.TEXT, PING)
+    writer.write(frame[: len(frame) // 2])
+    await writer.drain()
+    writer.close()
+    async with asyncio.timeout(5 * UNIT):
+        while server.engine.statistics()["agentSessions"]:
+            await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
