@@ -289,6 +289,17 @@ class Engine:
             heapq.heappop(heap)
         return None
 
+    def deadline_floor(self) -> float | None:
+        """A time no later than ``next_deadline()`` (None: no deadline at all), in O(1).
+
+        Ended notifications leave their timers behind until they surface, so
+        this may be earlier than the next deadline that still matters; a
+        caller that only needs to know whether its timer is still early
+        enough can ask this instead.
+        """
+        heap = self._heap
+        return heap[0][0] if heap else None
+
     def is_agent_present(self, agent_id: str) -> bool:
         return agent_id in self._agents
 

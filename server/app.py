@@ -311,8 +311,14 @@ class DeskpushServer:
         conn.flush()
 
     def _rearm(self) -> None:
-        deadline = self.engine.next_deadline()
         armed = self._armed
+        if armed is not None:
+            # The usual case, in O(1): nothing earlier than the armed timer
+            # was added (deadlines mostly grow), so the timer can stay.
+            floor = self.engine.deadline_floor()
+            if floor is None or floor >= armed:
+                return
+        deadline = self.engine.next_deadline()
         # A timer armed no later than the next deadline can stay: if it fires
         # first, handle_timer finds nothing due and re-arms. Most outcomes move
         # the next deadline later, so this saves a cancel and a call_at each.

@@ -559,6 +559,15 @@ class EngineMachine(RuleBasedStateMachine):
     # Invariants
 
     @invariant()
+    def deadline_floor_is_never_after_the_next_deadline(self):
+        # The server keeps its timer while it is no later than this floor.
+        if self.engine is None:
+            return
+        floor = self.engine.deadline_floor()
+        nd = self.engine.next_deadline()
+        assert nd is None or (floor is not None and floor <= nd)
+
+    @invariant()
     def limits_fifo_and_sessions_in_step(self):
         if self.engine is None:
             return
