@@ -121,7 +121,6 @@ class Connection(ServerConnection):
             # close this connection, as websockets does for a handler that raises.
             log.exception("error handling a message from %s", self.remote_address)
             self.on_message = _drop
-            self._fast = False
             self.protocol.fail(1011, "internal error")
             self.send_data()
 
@@ -139,7 +138,11 @@ class Connection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._fast:
             self._parse_fast(data)
-            return
+        else:
+            self._receive_slow(data)
+
+    def _receive_slow(self, data: bytes) -> None:
+        """websockets parses ``data``; the fast path resumes if it ends on a frame boundary."""
         super().data_received(data)
         if self.on_message is not None and self.on_message is not _drop:
             self._fast = self._at_frame_boundary()
@@ -202,9 +205,7 @@ class Connection(ServerConnection):
         # takes the stream from this frame on.
         self._fast = False
         self._buf = b""
-        super().data_received(buf[pos:] if pos else buf)
-        if self.on_message is not None and self.on_message is not _drop:
-            self._fast = self._at_frame_boundary()
+        self._receive_slow(buf[pos:] if pos else buf)
 
     async def next_message(self) -> bytes:
         """The next message not yet handed to ``on_message``; ConnectionClosed once closed."""
