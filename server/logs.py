@@ -58,7 +58,6 @@ class TickHandler(logging.Handler):
         self.stream = stream if stream is not None else sys.stderr
         self._lines: list[str] = []
         self._scheduled = False
-        self._turn_stamp: str | None = None  # see direct_writer
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -82,7 +81,6 @@ class TickHandler(logging.Handler):
 
     def flush(self) -> None:
         self._scheduled = False
-        self._turn_stamp = None
         lines = self._lines
         if not lines:
             return
@@ -129,13 +127,18 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     append = handler._append
     clock = time.time
 
+    last_ms = -1
+    last = ""
+
     def write(message: str) -> None:
-        # Lines written in one loop turn share its first line's time (a turn
-        # lasts well under a millisecond at the rates where this matters).
-        when = handler._turn_stamp
-        if when is None:
-            when = handler._turn_stamp = stamp(clock())
-        append(when + prefix + message)
+        # The timestamp is formatted once per millisecond: thousands of
+        # outcomes a second share a handful of them.
+        nonlocal last_ms, last
+        now = clock()
+        ms = int(now * 1000)
+        if ms != last_ms:
+            last_ms, last = ms, stamp(now) + prefix
+        append(last + message)
 
     return write
 

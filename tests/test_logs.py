@@ -105,16 +105,15 @@ async def test_outcome_lines_reach_ordinary_logging_handlers(server, caplog):
     assert "actionName=Reject responseReason=DeclinedByAgent delivered=True" in record.message
 
 
-async def test_direct_lines_of_one_turn_share_its_time(monkeypatch):
+async def test_direct_lines_carry_their_own_millisecond(monkeypatch):
+    """Within one loop turn too (a timer run can last 100 ms): the stamp is per millisecond."""
     stream = io.StringIO()
     log, _ = _tick_logger("deskpush.test.turn", stream)
-    clock = iter([1_790_000_000.0015, 1_790_000_000.0025, 1_790_000_000.0035])
+    clock = iter([1_790_000_000.0015, 1_790_000_000.0018, 1_790_000_000.0025, 1_790_000_000.0905])
     monkeypatch.setattr(logs.time, "time", lambda: next(clock))
     write = direct_writer(log, logging.INFO)
-    write("a")
-    write("b")
+    for message in "abcd":
+        write(message)
     await asyncio.sleep(0)  # the turn ends: lines written
-    write("c")
-    await asyncio.sleep(0)
     stamps = [line.split(" INFO ")[0][-3:] for line in stream.getvalue().splitlines()]
-    assert stamps == ["001", "001", "002"]
+    assert stamps == ["001", "001", "002", "090"]
