@@ -258,8 +258,6 @@ class Engine:
     ) -> None:
         self.templates = dict(templates)
         self._renderers = {name: Renderer(t) for name, t in self.templates.items()}
-        self._step = limits.timer_resolution * 1000.0
-        self._recent_cap = limits.recent_outcomes
         self.limits = limits
         self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
@@ -531,19 +529,19 @@ class Engine:
     def _run_due(self, now: float, limit: int | None = None) -> None:
         heap = self._heap
         heappop = heapq.heappop
+        valid = self._timer_valid
         end = self._end
         budget = -1 if limit is None else limit
         while heap and heap[0][0] <= now and budget != 0:
             budget -= 1
             when, _, kind, ref = heappop(heap)
-            # What _timer_valid says, inline: this loop ends thousands at once.
+            if not valid(when, kind, ref):
+                continue
             if kind == _DISPLAY:
-                if ref.state is DISPLAYED and ref.deadline == when:
-                    end(ref, DISPLAY_TIMEOUT, now)
+                end(ref, DISPLAY_TIMEOUT, now)
             elif kind == _QUEUE:
-                if ref.state is QUEUED and ref.deadline == when:
-                    end(ref, QUEUE_TIME_LIMIT, now)
-            elif ref.grace_deadline == when and not ref.sessions:
+                end(ref, QUEUE_TIME_LIMIT, now)
+            else:
                 self._grace_expired(ref, now)
 
     def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
@@ -562,7 +560,7 @@ class Engine:
         time: nobody gets less than the template's timeout.
         """
         when = now + seconds * 1000.0
-        step = self._step
+        step = self.limits.timer_resolution * 1000.0
         return -(-when // step) * step if step else when
 
     def _push(self, when: float, kind: int, ref: Any) -> None:
@@ -693,19 +691,18 @@ class Engine:
                 self._effects.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
 
     def _remember(self, n: _Notification) -> None:
-        cap = self._recent_cap
+        cap = self.limits.recent_outcomes
         if not cap:
             return
         recent = self._recent
         recent[n.id] = n
         tokens = self._recent_tokens
         tokens[(n.key, n.token)] = n
-        if len(recent) > cap:
-            while len(recent) > cap:
-                _, old = recent.popitem(last=False)
-                old_key = (old.key, old.token)
-                if tokens.get(old_key) is old:
-                    del tokens[old_key]
+        while len(recent) > cap:
+            _, old = recent.popitem(last=False)
+            old_key = (old.key, old.token)
+            if tokens.get(old_key) is old:
+                del tokens[old_key]
 
     # ------------------------------------------------------------------
     # Keeping pending notifications across a restart
