@@ -269,8 +269,13 @@ class Engine:
         self._recent: OrderedDict[str, _Notification] = OrderedDict()
         self._recent_tokens: dict[tuple[str, str], _Notification] = {}
         self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
-        self._heap: list[tuple[float, int, int, Any]] = []
-        self._seq = itertools.count()
+        # Timers, grouped by when they fire: deadlines rounded to
+        # timer_resolution fall on a grid, so thousands share one group.
+        # Adding a timer is an append, running one a popleft, and the heap
+        # orders only the distinct times (not 20,000 tuples in a burst).
+        self._timers: dict[float, deque[tuple[int, Any]]] = {}
+        self._times: list[float] = []  # heap of the keys of _timers
+        self._timer_count = 0
         self._effects: list[Effect] = []
         self.outcomes = 0
 
@@ -279,12 +284,20 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must next run (epoch ms), or None."""
-        heap = self._heap
-        while heap:
-            when, _, kind, ref = heap[0]
-            if self._timer_valid(when, kind, ref):
-                return when
-            heapq.heappop(heap)
+        times = self._times
+        timers = self._timers
+        valid = self._timer_valid
+        while times:
+            when = times[0]
+            group = timers[when]
+            while group:
+                kind, ref = group[0]
+                if valid(when, kind, ref):
+                    return when
+                group.popleft()
+                self._timer_count -= 1
+            heapq.heappop(times)
+            del timers[when]
         return None
 
     def deadline_floor(self) -> float | None:
@@ -295,8 +308,8 @@ class Engine:
         caller that only needs to know whether its timer is still early
         enough can ask this instead.
         """
-        heap = self._heap
-        return heap[0][0] if heap else None
+        times = self._times
+        return times[0] if times else None
 
     def is_agent_present(self, agent_id: str) -> bool:
         return agent_id in self._agents
@@ -527,22 +540,32 @@ class Engine:
         return self._flush()
 
     def _run_due(self, now: float, limit: int | None = None) -> None:
-        heap = self._heap
-        heappop = heapq.heappop
+        times = self._times
+        timers = self._timers
         valid = self._timer_valid
         end = self._end
         budget = -1 if limit is None else limit
-        while heap and heap[0][0] <= now and budget != 0:
-            budget -= 1
-            when, _, kind, ref = heappop(heap)
-            if not valid(when, kind, ref):
-                continue
-            if kind == _DISPLAY:
-                end(ref, DISPLAY_TIMEOUT, now)
-            elif kind == _QUEUE:
-                end(ref, QUEUE_TIME_LIMIT, now)
-            else:
-                self._grace_expired(ref, now)
+        while times and times[0] <= now and budget != 0:
+            when = times[0]
+            group = timers[when]
+            popleft = group.popleft
+            # Ending one may add a timer to this very group (a zero timeout
+            # rounded up to ``when``); it runs in this loop too.
+            while group and budget != 0:
+                budget -= 1
+                kind, ref = popleft()
+                self._timer_count -= 1
+                if not valid(when, kind, ref):
+                    continue
+                if kind == _DISPLAY:
+                    end(ref, DISPLAY_TIMEOUT, now)
+                elif kind == _QUEUE:
+                    end(ref, QUEUE_TIME_LIMIT, now)
+                else:
+                    self._grace_expired(ref, now)
+            if not group:
+                heapq.heappop(times)
+                del timers[when]
 
     def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
         if kind == _GRACE:
@@ -564,14 +587,30 @@ class Engine:
         return -(-when // step) * step if step else when
 
     def _push(self, when: float, kind: int, ref: Any) -> None:
-        heap = self._heap
-        # Timers of notifications that ended early stay in the heap until they
-        # surface; drop them in one sweep when they outnumber the live ones, so
-        # memory follows what is pending, not the rate of offers.
-        if len(heap) > 4096 and len(heap) > 2 * (len(self._live) + len(self._agents)):
-            heap[:] = [e for e in heap if self._timer_valid(e[0], e[2], e[3])]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (when, next(self._seq), kind, ref))
+        # Timers of notifications that ended early stay until they surface;
+        # drop them in one sweep when they outnumber the live ones, so memory
+        # follows what is pending, not the rate of offers.
+        count = self._timer_count
+        if count > 4096 and count > 2 * (len(self._live) + len(self._agents)):
+            self._sweep_timers()
+        group = self._timers.get(when)
+        if group is None:
+            group = self._timers[when] = deque()
+            heapq.heappush(self._times, when)
+        group.append((kind, ref))
+        self._timer_count += 1
+
+    def _sweep_timers(self) -> None:
+        valid = self._timer_valid
+        kept: dict[float, deque[tuple[int, Any]]] = {}
+        for when, group in self._timers.items():
+            alive = deque(t for t in group if valid(when, t[0], t[1]))
+            if alive:
+                kept[when] = alive
+        self._timers = kept
+        self._times = list(kept)
+        heapq.heapify(self._times)
+        self._timer_count = sum(len(g) for g in kept.values())
 
     def _grace_expired(self, agent: _Agent, now: float) -> None:
         agent.grace_deadline = None
