@@ -58,6 +58,8 @@ TIMER_BUDGET = 0.1
 # A connection with this many frames queued is written at once, not at the
 # end of the loop iteration.
 WRITE_AT = 64
+# _flush_writes looks for deadlines that fell due after this many writes.
+FLUSH_SLICE = 256
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
 CONTENT_TYPES = {
@@ -286,11 +288,40 @@ class DeskpushServer:
         return log_outcome
 
     def _flush_writes(self) -> None:
-        self._flush_handle = None
-        dirty = self._dirty
+        # Writing to thousands of connections takes a while (10 µs and more a
+        # write, mostly the kernel's). Deadlines that fall due meanwhile are
+        # not kept waiting: every FLUSH_SLICE writes, what is due is ended,
+        # the connections it gave frames to are written next (an integrator's
+        # results first), then the rest, each once with all it has queued.
+        # Ending takes TIMER_BUDGET at most per flush, so reading gets its turn too.
+        engine = self.engine
+        pending = list(self._dirty)
         self._dirty = {}
-        for conn in dirty:
-            self._write(conn)
+        budget = TIMER_BUDGET
+        i = 0
+        try:
+            while i < len(pending):
+                self._write(pending[i])
+                i += 1
+                if not i % FLUSH_SLICE and budget > 0:
+                    floor = engine.deadline_floor()
+                    if floor is not None and floor <= self.now():
+                        started = time.perf_counter()
+                        self._end_due(self.now(), budget)
+                        budget -= time.perf_counter() - started
+                        fresh = self._dirty
+                        if fresh:
+                            self._dirty = {}
+                            pending = [*fresh, *(c for c in pending[i:] if c not in fresh)]
+                            i = 0
+        finally:
+            # _apply queues frames meanwhile but schedules no other flush until
+            # here. (Whatever is left after a bug in a write goes next turn.)
+            self._dirty.update(dict.fromkeys(pending[i:]))
+            self._flush_handle = None
+            if self._dirty:
+                self._flush_handle = self._loop.call_soon(self._flush_writes)
+        self._loop.time()  # see _on_timer
 
     def _write(self, conn: Connection) -> None:
         """Write what ``conn`` has queued, unless it is closing or cannot keep up."""
@@ -340,6 +371,15 @@ class DeskpushServer:
         now = self.now()
         if deadline is not None and deadline > now:
             now = deadline
+        self._end_due(now)
+        # uvloop (libuv) computes how long to sleep from a clock it caches at
+        # the start of each loop iteration, and reading the loop's time is what
+        # refreshes it. Without this, after a long callback the next timer
+        # fires late by that callback's length (a burst's next deadlines by
+        # 30 ms and more); _flush_writes does the same.
+        self._loop.time()
+
+    def _end_due(self, now: float, budget: float | None = None) -> None:
         # Thousands may fall due together (a burst of offers displayed at once,
         # or a pause). End them in chunks for up to TIMER_BUDGET seconds, then
         # write and let other clients in; the timer, re-armed in the past,
@@ -347,7 +387,7 @@ class DeskpushServer:
         # iteration is what makes a burst cheap: each connection gets all its
         # frames of the iteration in one write.
         engine = self.engine
-        stop = time.perf_counter() + TIMER_BUDGET
+        stop = time.perf_counter() + (TIMER_BUDGET if budget is None else budget)
         while True:
             self._apply(engine.handle_timer(now, limit=TIMER_CHUNK))
             due = engine.next_deadline()

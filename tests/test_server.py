@@ -174,6 +174,78 @@ async def test_a_burst_of_timeouts_ends_each_offer_once(monkeypatch):
             assert sum(f["type"] == "resolved" for f in frames) == 10
 
 
+def test_a_long_flush_does_not_make_the_next_deadline_late():
+    """A deadline fires on time even when a long flush was the last thing before it.
+
+    uvloop (libuv) works out how long to sleep from a clock it read at the
+    start of the loop iteration; unless the server refreshes it, a 0.3 s
+    flush (thousands of writes on a slow machine) makes the next timer 0.3 s
+    late. The CLI runs on uvloop, so this test does too.
+    """
+    import uvloop
+
+    async def main() -> float:
+        async with DeskpushServer(short_config(timeout=0.5), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+            agent, _ = await open_agent(srv)
+            ig = await open_integrator(srv)
+            card = await offer(srv, ig, agent, progress=False, input={"templateName": "fast"})
+            slow = object()  # a connection whose write takes 0.3 s
+            write = srv._write
+
+            def slow_write(conn):
+                if conn is slow:
+                    time.sleep(0.3)
+                else:
+                    write(conn)
+
+            srv._write = slow_write
+            srv._dirty[slow] = None
+            srv._flush_handle = asyncio.get_running_loop().call_soon(srv._flush_writes)
+            result = await recv_json(ig)
+            assert result["value"]["responseReason"] == "DisplayTimeout"
+            return time.time() * 1000 - card["expiresAt"]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        late = runner.run(main())
+    assert late < 200, f"the display timeout fired {late:.0f} ms after expiresAt"
+
+
+async def test_a_deadline_due_during_a_long_flush_is_not_kept_waiting(monkeypatch):
+    """Ending what falls due takes turns with writing to thousands of connections.
+
+    Two connections whose writes take 0.4 s each stand in for a flush of
+    thousands; the offer's display deadline falls due during the first one,
+    and its result is written after it, not after both.
+    """
+    from server import app
+
+    monkeypatch.setattr(app, "FLUSH_SLICE", 1)
+    async with DeskpushServer(short_config(timeout=0.3), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        agent, _ = await open_agent(srv)
+        ig = await open_integrator(srv)
+        card = await offer(srv, ig, agent, progress=False, input={"templateName": "fast"})
+        slow = [object(), object()]
+        write = srv._write
+        results_written_at = []
+
+        def recording_write(conn):
+            if conn in slow:
+                time.sleep(0.4)
+                return
+            if any(b'"type":"result"' in frame for frame in conn._out):
+                results_written_at.append(time.time() * 1000)
+            write(conn)
+
+        srv._write = recording_write
+        srv._dirty.update(dict.fromkeys(slow))
+        srv._flush_handle = asyncio.get_running_loop().call_soon(srv._flush_writes)
+        result = await recv_json(ig)
+        assert result["value"]["responseReason"] == "DisplayTimeout"
+        assert (await recv_json(agent))["type"] == "resolved"
+        late = results_written_at[0] - card["expiresAt"]
+        assert late < 250, f"the result was written {late:.0f} ms after expiresAt"
+
+
 async def test_queue_limit_and_queue_timeout():
     config = short_config(timeout=30, queue_limit=1, queue_timeout=0.3)
     async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
