@@ -250,6 +250,8 @@ class DeskpushServer:
     def _apply(self, effects: list) -> None:
         encode = f.ENCODER.encode
         dirty = self._dirty
+        debug = self._debug
+        log_outcome = self._log_outcome
         for effect in effects:
             if type(effect) is Send:
                 # Encoded and framed once, whatever the number of targets;
@@ -263,11 +265,11 @@ class DeskpushServer:
                         # a long loop iteration.
                         self._write(conn)
                     dirty[conn] = None
-                if self._debug:
+                if debug:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
                               len(effect.targets))
-            elif type(effect) is Ended and self._log_outcome is not None:
-                self._log_outcome(effect)
+            elif log_outcome is not None:  # Ended
+                log_outcome(effect)
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush_writes)
         self._rearm()
@@ -278,12 +280,18 @@ class DeskpushServer:
         if write is None and not outcome_log.isEnabledFor(logging.INFO):
             return None
         emit = write if write is not None else outcome_log.info
+        # The end of the line depends only on the outcome and whether it was delivered.
+        tails: dict[tuple[Any, bool], str] = {}
 
         def log_outcome(e: Ended) -> None:
-            o = e.outcome
+            key = (e.outcome, e.delivered)
+            tail = tails.get(key)
+            if tail is None:
+                o = e.outcome
+                tail = tails[key] = (f" actionName={o.action_name} responseReason={o.response_reason} "
+                                     f"delivered={e.delivered}")
             emit(f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
-                 f"correlationId={e.correlation_id} integrator={e.integrator} actionName={o.action_name} "
-                 f"responseReason={o.response_reason} delivered={e.delivered}")
+                 f"correlationId={e.correlation_id} integrator={e.integrator}{tail}")
 
         return log_outcome
 
