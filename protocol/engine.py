@@ -549,8 +549,8 @@ class Engine:
             when = times[0]
             group = timers[when]
             popleft = group.popleft
-            # Ending one may add a timer to this very group (a zero timeout
-            # rounded up to ``when``); it runs in this loop too.
+            # A timer added meanwhile for ``when`` itself (only a zero-length
+            # one can be) joins this group and runs in this loop too.
             while group and budget != 0:
                 budget -= 1
                 kind, ref = popleft()

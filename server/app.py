@@ -11,7 +11,10 @@ treated as disconnected, and nobody else waits for it.
 Time: the engine gets ``now`` in epoch milliseconds derived from the loop's
 monotonic clock (anchored to the wall clock once at start), so a wall-clock
 jump never fires or stalls timers. One ``call_at`` handle is re-armed to the
-engine's ``next_deadline()``; there is no timer per notification.
+engine's ``next_deadline()``; there is no timer per notification. A burst of
+deadlines is ended in one timer run, and a long flush of writes stops every
+FLUSH_SLICE connections to end what fell due meanwhile, so neither holds up
+the other.
 """
 
 from __future__ import annotations
