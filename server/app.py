@@ -467,8 +467,7 @@ class DeskpushServer:
     async def _hello(self, conn: Connection, decoder: msgspec.json.Decoder, kind: type) -> Any:
         """The first frame if it arrives in time and is a ``kind``, else None."""
         try:
-            async with asyncio.timeout(self._hello_timeout):
-                raw = await conn.next_message()
+            raw = await conn.next_message(self._hello_timeout)
             hello = decoder.decode(raw)
         except (TimeoutError, ConnectionClosed, msgspec.MsgspecError):
             return None

@@ -207,17 +207,25 @@ class Connection(ServerConnection):
         self._buf = b""
         self._receive_slow(buf[pos:] if pos else buf)
 
-    async def next_message(self) -> bytes:
-        """The next message not yet handed to ``on_message``; ConnectionClosed once closed."""
+    async def next_message(self, timeout: float | None = None) -> bytes:
+        """The next message not yet handed to ``on_message``.
+
+        Raises ConnectionClosed once closed, TimeoutError after ``timeout``
+        seconds. (One timer handle: in a reconnect storm of thousands,
+        ``asyncio.timeout`` around this cost more than the wait itself.)
+        """
         if self._held:
             return self._held.pop(0)
         if self.protocol.state is not OPEN:
             raise self.close_exc
         waiter = self._waiter = self.loop.create_future()
+        timer = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
         try:
             return await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def set_on_message(self, on_message: Callable[[bytes], None]) -> None:
         """Route messages to ``on_message``, starting with any held ones."""
@@ -297,6 +305,11 @@ class _NoMessages:
 
 
 _NO_MESSAGES = _NoMessages()
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _drop(data: bytes) -> None:
