@@ -52,10 +52,11 @@ outcome_log = logging.getLogger("deskpush.outcome")
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_RATE_LIMITED = 1008
 # Deadlines are ended TIMER_CHUNK at a time, for up to TIMER_BUDGET seconds
-# per timer callback before I/O gets a turn. Only a burst of thousands due at
-# once reaches the budget; the longer a run, the more of each connection's
-# frames share one write (the timeout storm bench: p99 lateness about 34 ms
-# at 0.1 s, 37 ms at 0.05 s, 38 ms at 0.03 s).
+# per timer callback (or per flush, see _flush_writes) before I/O gets a
+# turn. Only a burst of thousands due at once reaches the budget; the longer
+# a run, the more of each connection's frames share one write (when this was
+# chosen, the timeout storm bench's p99 lateness was about 34 ms at 0.1 s,
+# 37 ms at 0.05 s and 38 ms at 0.03 s).
 TIMER_CHUNK = 500
 TIMER_BUDGET = 0.1
 # A connection with this many frames queued is written at once, not at the
