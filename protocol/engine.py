@@ -276,6 +276,7 @@ class Engine:
         self._timers: dict[float, deque[tuple[int, Any]]] = {}
         self._times: list[float] = []  # heap of the keys of _timers
         self._timer_count = 0
+        self._running_timers = False  # _run_due holds _timers' groups: no sweep
         self._effects: list[Effect] = []
         self.outcomes = 0
 
@@ -545,27 +546,31 @@ class Engine:
         valid = self._timer_valid
         end = self._end
         budget = -1 if limit is None else limit
-        while times and times[0] <= now and budget != 0:
-            when = times[0]
-            group = timers[when]
-            popleft = group.popleft
-            # A timer added meanwhile for ``when`` itself (only a zero-length
-            # one can be) joins this group and runs in this loop too.
-            while group and budget != 0:
-                budget -= 1
-                kind, ref = popleft()
-                self._timer_count -= 1
-                if not valid(when, kind, ref):
-                    continue
-                if kind == _DISPLAY:
-                    end(ref, DISPLAY_TIMEOUT, now)
-                elif kind == _QUEUE:
-                    end(ref, QUEUE_TIME_LIMIT, now)
-                else:
-                    self._grace_expired(ref, now)
-            if not group:
-                heapq.heappop(times)
-                del timers[when]
+        self._running_timers = True
+        try:
+            while times and times[0] <= now and budget != 0:
+                when = times[0]
+                group = timers[when]
+                popleft = group.popleft
+                # A timer added meanwhile for ``when`` itself (only a
+                # zero-length one can be) joins this group and runs here too.
+                while group and budget != 0:
+                    budget -= 1
+                    kind, ref = popleft()
+                    self._timer_count -= 1
+                    if not valid(when, kind, ref):
+                        continue
+                    if kind == _DISPLAY:
+                        end(ref, DISPLAY_TIMEOUT, now)
+                    elif kind == _QUEUE:
+                        end(ref, QUEUE_TIME_LIMIT, now)
+                    else:
+                        self._grace_expired(ref, now)
+                if not group:
+                    heapq.heappop(times)
+                    del timers[when]
+        finally:
+            self._running_timers = False
 
     def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
         if kind == _GRACE:
@@ -591,7 +596,8 @@ class Engine:
         # drop them in one sweep when they outnumber the live ones, so memory
         # follows what is pending, not the rate of offers.
         count = self._timer_count
-        if count > 4096 and count > 2 * (len(self._live) + len(self._agents)):
+        if (count > 4096 and count > 2 * (len(self._live) + len(self._agents))
+                and not self._running_timers):
             self._sweep_timers()
         group = self._timers.get(when)
         if group is None:

@@ -69,3 +69,46 @@ def test_remembered_outcomes_keep_no_connection_or_card_alive():
     # ...and still answers late questions about them.
     nid = next(iter(engine._recent))
     assert engine.outcome_of(nid) is not None and engine.state_of(nid).value == "ended"
+
+
+def test_stale_timers_swept_while_deadlines_run_lose_nothing():
+    """The sweep of stale timers never runs under handle_timer's feet.
+
+    Here the first timer added after 4,099 timers went stale is added while
+    deadlines run (the next queued offer displayed as one times out); every
+    offer still ends once, on time.
+    """
+    from protocol import Template
+
+    engine = Engine({"t": Template(name="t", title="t", timeout=1.0)},
+                    Limits(display_limit=1, queue_limit=5000, timer_resolution=0))
+    engine.agent_connected("a", "busy", "s", 0.0)
+    engine.agent_connected("b", "idle", "s", 0.0)
+    engine.integrator_connected("i", "crm", 0.0)
+    results: dict[str, list[tuple[str, float]]] = {}
+
+    def run(effects, now):
+        for e in effects:
+            if type(e).__name__ == "Send" and isinstance(e.frame, f.Result):
+                results.setdefault(e.frame.request_id, []).append((e.frame.value.response_reason, now))
+
+    def notify(rid, agent, now):
+        inp = f.NotifyInput(template_name="t", cancellation_token=rid)
+        run(engine.integrator_frame("i", f.NotifyEvent(request_id=rid, agent_id=agent, input=inp,
+                                                       progress=False), now), now)
+
+    for i in range(3):  # y0 displayed, y1 and y2 queued behind it
+        notify(f"y{i}", "idle", 0.0)
+    for i in range(4100):  # b0 displayed, 4,099 queued (a queue timer each)
+        notify(f"b{i}", "busy", 5.0)
+    for i in range(1, 4100):  # cancelled: their timers go stale, nothing is added
+        run(engine.integrator_frame("i", f.CancelEvent(request_id=f"c{i}", cancellation_token=f"b{i}"), 6.0), 6.0)
+    for now in (1000.0, 1005.0, 2000.0, 3000.0):
+        assert engine.next_deadline() == now
+        run(engine.handle_timer(now), now)
+    assert engine.next_deadline() is None
+    assert results["y0"] == [("DisplayTimeout", 1000.0)]
+    assert results["b0"] == [("DisplayTimeout", 1005.0)]
+    assert results["y1"] == [("DisplayTimeout", 2000.0)]
+    assert results["y2"] == [("DisplayTimeout", 3000.0)]
+    assert all(len(v) == 1 for v in results.values())
