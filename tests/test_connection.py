@@ -9,7 +9,8 @@ import logging
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from websockets import ClientProtocol
+# The sans-I/O client protocol that websockets.asyncio's client drives.
+from websockets.asyncio.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
