@@ -317,9 +317,10 @@ class DeskpushServer:
                 i += 1
                 if not i % FLUSH_SLICE and budget > 0:
                     floor = engine.deadline_floor()
-                    if floor is not None and floor <= self.now():
+                    now = self.now()
+                    if floor is not None and floor <= now:
                         started = time.perf_counter()
-                        self._end_due(self.now(), budget)
+                        self._end_due(now, budget)
                         budget -= time.perf_counter() - started
                         fresh = self._dirty
                         if fresh:
