@@ -174,6 +174,30 @@ async def test_a_burst_of_timeouts_ends_each_offer_once(monkeypatch):
             assert sum(f["type"] == "resolved" for f in frames) == 10
 
 
+def start_slow_flush(srv, count: int, seconds: float) -> list[float]:
+    """Schedule a flush that starts with ``count`` connections whose writes take ``seconds`` each.
+
+    They stand in for thousands of writes on a slow machine. Returns a list
+    that gets the wall-clock time (epoch ms) of each write carrying a result.
+    """
+    slow = [object() for _ in range(count)]
+    write = srv._write
+    results_written_at: list[float] = []
+
+    def slow_write(conn):
+        if conn in slow:
+            time.sleep(seconds)
+            return
+        if any(b'"type":"result"' in frame for frame in conn._out):
+            results_written_at.append(time.time() * 1000)
+        write(conn)
+
+    srv._write = slow_write
+    srv._dirty.update(dict.fromkeys(slow))
+    srv._flush_handle = asyncio.get_running_loop().call_soon(srv._flush_writes)
+    return results_written_at
+
+
 def test_a_long_flush_does_not_make_the_next_deadline_late():
     """A deadline fires on time even when a long flush was the last thing before it.
 
@@ -189,18 +213,7 @@ def test_a_long_flush_does_not_make_the_next_deadline_late():
             agent, _ = await open_agent(srv)
             ig = await open_integrator(srv)
             card = await offer(srv, ig, agent, progress=False, input={"templateName": "fast"})
-            slow = object()  # a connection whose write takes 0.3 s
-            write = srv._write
-
-            def slow_write(conn):
-                if conn is slow:
-                    time.sleep(0.3)
-                else:
-                    write(conn)
-
-            srv._write = slow_write
-            srv._dirty[slow] = None
-            srv._flush_handle = asyncio.get_running_loop().call_soon(srv._flush_writes)
+            start_slow_flush(srv, 1, 0.3)
             result = await recv_json(ig)
             assert result["value"]["responseReason"] == "DisplayTimeout"
             return time.time() * 1000 - card["expiresAt"]
@@ -224,21 +237,7 @@ async def test_a_deadline_due_during_a_long_flush_is_not_kept_waiting(monkeypatc
         agent, _ = await open_agent(srv)
         ig = await open_integrator(srv)
         card = await offer(srv, ig, agent, progress=False, input={"templateName": "fast"})
-        slow = [object(), object()]
-        write = srv._write
-        results_written_at = []
-
-        def recording_write(conn):
-            if conn in slow:
-                time.sleep(0.4)
-                return
-            if any(b'"type":"result"' in frame for frame in conn._out):
-                results_written_at.append(time.time() * 1000)
-            write(conn)
-
-        srv._write = recording_write
-        srv._dirty.update(dict.fromkeys(slow))
-        srv._flush_handle = asyncio.get_running_loop().call_soon(srv._flush_writes)
+        results_written_at = start_slow_flush(srv, 2, 0.4)
         result = await recv_json(ig)
         assert result["value"]["responseReason"] == "DisplayTimeout"
         assert (await recv_json(agent))["type"] == "resolved"
