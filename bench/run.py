@@ -209,7 +209,7 @@ class Running:
         if server.name.startswith("deskpush"):
             cfg = tmp / f"deskpush-{workload}.toml"
             deskpush_config(cfg, workload)
-            cmd = [py, "-m", "server", "serve", "--config", str(cfg), "--port", str(self.port), "--log-level", server.log_level]
+            cmd = [py, "-m", "deskpush.server", "serve", "--config", str(cfg), "--port", str(self.port), "--log-level", server.log_level]
         elif server.name == "floor":
             cmd = [py, str(BENCH / "peers" / "floor.py"), "--port", str(self.port)]
         elif server.name == "socketio":

@@ -41,7 +41,6 @@ pending cancelEvent, which is idempotent, is sent again after the reconnect.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import itertools
@@ -49,7 +48,6 @@ import logging
 import random
 import secrets
 import socket
-import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,7 +66,6 @@ __all__ = [
     "IntegratorConnectionError",
     "UnauthorizedError",
     "LOST_DETAILS",
-    "cli_notify",
 ]
 
 log = logging.getLogger("deskpush.integrator")
@@ -76,7 +73,6 @@ log = logging.getLogger("deskpush.integrator")
 LOST_DETAILS = "connection lost before the outcome arrived; the notification keeps running on the server"
 # The server closes a connection whose hello (API key) it refused with 4401.
 _CLOSE_UNAUTHORIZED = 4401
-_API_KEY_ENV = "DESKPUSH_API_KEY"  # the same variable server.config reads
 
 
 # --------------------------------------------------------------------------
@@ -589,100 +585,3 @@ class Integrator:
             f"connection to {self.url} lost; gave up reconnecting after {tried} attempt(s) in "
             f"{loop.time() - start:.1f} s" + (f" ({last})" if last else "")
         )
-
-
-# --------------------------------------------------------------------------
-# deskpush notify
-
-
-def _outcome_line(value: Mapping[str, Any]) -> str:
-    return f"{value.get('actionName')}/{value.get('responseReason')}"
-
-
-async def _notify_main(args: argparse.Namespace) -> int:
-    err = sys.stderr
-    params = dict(args.param or [])
-    cancel_after = getattr(args, "cancel_after", None)
-    token = args.cancellation_token
-    if cancel_after is not None and token is None:
-        # Known up front, so the cancel does not depend on a status frame.
-        token = f"cli-{secrets.token_hex(8)}"
-    notify_input: dict[str, Any] = {"templateName": args.template, "templateParameters": params}
-
-    def on_status(status: Status) -> None:
-        extra = f" cancellationToken={status.cancellation_token}" if status.state == "queued" else ""
-        print(f"{status.state}: notificationId={status.notification_id}{extra}", file=err, flush=True)
-
-    async with Integrator(args.url, args.api_key, agent_id=args.agent) as ig:
-        print(f"notifyEvent: template {args.template} to agent {args.agent} via {ig.url}", file=err, flush=True)
-        notify = asyncio.ensure_future(ig.notify_event(
-            notify_input, args.correlation_id, token, on_status=on_status))
-        cancel_value: dict[str, Any] | None = None
-        cancel_error: CIFError | None = None
-        try:
-            if cancel_after is not None:
-                done, _ = await asyncio.wait({notify}, timeout=max(0.0, cancel_after))
-                if not done:
-                    print(f"cancelEvent: cancellationToken={token} after {cancel_after:g} s", file=err, flush=True)
-                    try:
-                        cancel_value = await ig.cancel_event(token, args.correlation_id)
-                    except CIFError as exc:
-                        cancel_error = exc
-                elif notify.exception() is None:
-                    print(f"the notification ended before {cancel_after:g} s; no cancelEvent sent", file=err)
-            value = await notify
-        finally:
-            if not notify.done():
-                notify.cancel()
-                await asyncio.wait({notify})
-    print(_outcome_line(value))
-    print(_encode(value).decode())
-    if cancel_value is not None:
-        print(f"cancel: {_encode(cancel_value).decode()}")
-    if cancel_error is not None:
-        raise cancel_error
-    sys.stdout.flush()
-    return 0
-
-
-def _run(coro: Any) -> Any:
-    """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def cli_notify(args: argparse.Namespace) -> int:
-    """``deskpush notify``: one notifyEvent; prints progress to stderr and the outcome to stdout.
-
-    stdout gets the outcome as ``Accept/Accept`` and then the CIF value as
-    JSON (and, with ``--cancel-after``, a ``cancel: {...}`` line with the
-    cancelEvent's value). Exit status: 0 for an outcome, 1 when the server
-    refused the request, 2 for connection or authentication problems.
-    """
-    prog = "deskpush notify"
-    if not args.api_key:
-        print(f"{prog}: no API key: pass --api-key or set {_API_KEY_ENV} "
-              "(deskpush serve prints the integrator key)", file=sys.stderr)
-        return 2
-    try:
-        return _run(_notify_main(args))
-    except CIFError as exc:
-        if exc.details == LOST_DETAILS:
-            # Refused by nobody: the connection broke. A connection problem.
-            print(f"{prog}: {LOST_DETAILS}", file=sys.stderr)
-            return 2
-        print(f"error: {exc.message} ({exc.msdyn_name}): {exc.details}", file=sys.stderr)
-        return 1
-    except UnauthorizedError as exc:
-        print(f"{prog}: {exc}; check --api-key", file=sys.stderr)
-        return 2
-    except IntegratorError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the notification keeps running on the server", file=sys.stderr)
-        return 130

@@ -20,6 +20,7 @@ the other.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import secrets
 import time
@@ -35,9 +36,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State as WsState
 
-from protocol import Ended, Engine, Send
-from protocol import Snapshot
-from protocol import frames as f
+from ..protocol import Ended, Engine, Send
+from ..protocol import Snapshot
+from ..protocol import frames as f
 
 from . import logs
 from .auth import AgentTokens, ApiKeys
@@ -65,7 +66,7 @@ WRITE_AT = 64
 # _flush_writes looks for deadlines that fell due after this many writes.
 FLUSH_SLICE = 256
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_client"
+DEMO_DIR = Path(str(importlib.resources.files("deskpush.client")))
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",

@@ -3,33 +3,44 @@
     deskpush serve [--config FILE] [--host H] [--port P] [--log-level L]
     deskpush token AGENT_ID [--config FILE] [--ttl SECONDS]
     deskpush notify --agent ID --template NAME [--param key=value ...]
+
+``serve`` runs the server (``app.DeskpushServer``) on uvloop when it is
+installed; ``notify`` is a one-shot integrator built on the Python SDK,
+``deskpush.client``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import gc
 import logging
 import os
+import secrets
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import msgspec
+
+from ..client import LOST_DETAILS, CIFError, Integrator, IntegratorError, Status, UnauthorizedError
 from . import __version__, logs
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
 
 __all__ = ["main"]
 
 
-def _run(coro_fn: Any) -> None:
+def _run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``main`` to its end on uvloop when it is installed, else on asyncio's own loop."""
     import anyio
 
     try:
         import uvloop  # noqa: F401
-
-        anyio.run(coro_fn, backend_options={"use_uvloop": True})
     except ImportError:
-        anyio.run(coro_fn)
+        return anyio.run(main)
+    return anyio.run(main, backend_options={"use_uvloop": True})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -144,13 +155,91 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# deskpush notify: one notifyEvent through the Python SDK (deskpush.client)
+
+
+def _outcome_line(value: Mapping[str, Any]) -> str:
+    return f"{value.get('actionName')}/{value.get('responseReason')}"
+
+
+async def _notify_main(args: argparse.Namespace) -> int:
+    err = sys.stderr
+    params = dict(args.param or [])
+    cancel_after = getattr(args, "cancel_after", None)
+    token = args.cancellation_token
+    if cancel_after is not None and token is None:
+        # Known up front, so the cancel does not depend on a status frame.
+        token = f"cli-{secrets.token_hex(8)}"
+    notify_input: dict[str, Any] = {"templateName": args.template, "templateParameters": params}
+
+    def on_status(status: Status) -> None:
+        extra = f" cancellationToken={status.cancellation_token}" if status.state == "queued" else ""
+        print(f"{status.state}: notificationId={status.notification_id}{extra}", file=err, flush=True)
+
+    async with Integrator(args.url, args.api_key, agent_id=args.agent) as ig:
+        print(f"notifyEvent: template {args.template} to agent {args.agent} via {ig.url}", file=err, flush=True)
+        notify = asyncio.ensure_future(ig.notify_event(
+            notify_input, args.correlation_id, token, on_status=on_status))
+        cancel_value: dict[str, Any] | None = None
+        cancel_error: CIFError | None = None
+        try:
+            if cancel_after is not None:
+                done, _ = await asyncio.wait({notify}, timeout=max(0.0, cancel_after))
+                if not done:
+                    print(f"cancelEvent: cancellationToken={token} after {cancel_after:g} s", file=err, flush=True)
+                    try:
+                        cancel_value = await ig.cancel_event(token, args.correlation_id)
+                    except CIFError as exc:
+                        cancel_error = exc
+                elif notify.exception() is None:
+                    print(f"the notification ended before {cancel_after:g} s; no cancelEvent sent", file=err)
+            value = await notify
+        finally:
+            if not notify.done():
+                notify.cancel()
+                await asyncio.wait({notify})
+    print(_outcome_line(value))
+    print(msgspec.json.encode(value).decode())
+    if cancel_value is not None:
+        print(f"cancel: {msgspec.json.encode(cancel_value).decode()}")
+    if cancel_error is not None:
+        raise cancel_error
+    sys.stdout.flush()
+    return 0
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
-    try:
-        from demo_client.integrator import cli_notify
-    except ImportError:  # pragma: no cover
-        print("deskpush notify: the demo client is not installed", file=sys.stderr)
+    """``deskpush notify``: one notifyEvent; prints progress to stderr and the outcome to stdout.
+
+    stdout gets the outcome as ``Accept/Accept`` and then the CIF value as
+    JSON (and, with ``--cancel-after``, a ``cancel: {...}`` line with the
+    cancelEvent's value). Exit status: 0 for an outcome, 1 when the server
+    refused the request, 2 for connection or authentication problems.
+    """
+    prog = "deskpush notify"
+    if not args.api_key:
+        print(f"{prog}: no API key: pass --api-key or set {API_KEY_ENV} "
+              "(deskpush serve prints the integrator key)", file=sys.stderr)
         return 2
-    return cli_notify(args)
+    try:
+        return _run(functools.partial(_notify_main, args))
+    except CIFError as exc:
+        if exc.details == LOST_DETAILS:
+            # Refused by nobody: the connection broke. A connection problem.
+            print(f"{prog}: {LOST_DETAILS}", file=sys.stderr)
+            return 2
+        print(f"error: {exc.message} ({exc.msdyn_name}): {exc.details}", file=sys.stderr)
+        return 1
+    except UnauthorizedError as exc:
+        print(f"{prog}: {exc}; check --api-key", file=sys.stderr)
+        return 2
+    except IntegratorError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the notification keeps running on the server", file=sys.stderr)
+        return 130
 
 
 def _load(path: str | None) -> Config:

@@ -16,7 +16,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from protocol import BUILTIN_TEMPLATES, Limits, Template
+from ..protocol import BUILTIN_TEMPLATES, Limits, Template
 
 __all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
 

@@ -11,9 +11,9 @@ import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from protocol import Limits
-from server import Config, DeskpushServer
-from server.config import ServerSection
+from deskpush.protocol import Limits
+from deskpush.server import Config, DeskpushServer
+from deskpush.server.config import ServerSection
 
 SECRET = "test-secret-" + "x" * 32
 API_KEY = "test-api-key"

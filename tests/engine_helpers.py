@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from protocol import frames as f
-from protocol.engine import Effect, Ended, Engine, Limits, Send
-from protocol.templates import BUILTIN_TEMPLATES, Template
+from deskpush.protocol import frames as f
+from deskpush.protocol.engine import Effect, Ended, Engine, Limits, Send
+from deskpush.protocol.templates import BUILTIN_TEMPLATES, Template
 
 T0 = 1_700_000_000_000.0
 """The fake clock's start: a realistic epoch-milliseconds value."""

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from protocol import Limits
-from protocol.templates import FieldTemplate, Template
-from server import Config, DeskpushServer
-from server.config import ServerSection
+from deskpush.protocol import Limits
+from deskpush.protocol.templates import FieldTemplate, Template
+from deskpush.server import Config, DeskpushServer
+from deskpush.server.config import ServerSection
 
 from .conftest import API_KEY, SECRET, UNIT, open_integrator, recv_json, send_json
 

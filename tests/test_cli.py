@@ -12,16 +12,16 @@ import sys
 import pytest
 from websockets.asyncio.client import connect
 
-from server import config as cfg
-from server.auth import AgentTokens
-from server.cli import main
+from deskpush.server import config as cfg
+from deskpush.server.auth import AgentTokens
+from deskpush.server.cli import main
 
 from .conftest import UNIT, recv_json, send_json
 
 
 async def start_cli(*args: str, env: dict | None = None) -> tuple[asyncio.subprocess.Process, dict]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "serve", "--port", "0", *args,
+        sys.executable, "-m", "deskpush.server", "serve", "--port", "0", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
@@ -81,7 +81,7 @@ async def test_serve_refuses_a_port_in_use():
     proc, printed = await start_cli()
     try:
         second = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "serve", "--port", str(printed["port"]),
+            sys.executable, "-m", "deskpush.server", "serve", "--port", str(printed["port"]),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(20 * UNIT):
@@ -144,7 +144,7 @@ def test_config_templates_extend_the_builtins(tmp_path):
 def test_bad_config_file_exits_2_with_the_message(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[server]\nport = 'x'\n")
-    proc = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "deskpush.server", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "$.server.port" in proc.stderr

@@ -15,9 +15,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from server import Config, DeskpushServer
-from server.config import ServerSection
-from server.connection import text_frame
+from deskpush.server import Config, DeskpushServer
+from deskpush.server.config import ServerSection
+from deskpush.server.connection import text_frame
 
 from .conftest import API_KEY, SECRET, UNIT, open_agent, open_integrator, recv_json, send_json
 
@@ -173,7 +173,7 @@ async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
     """Whole, fragmented and control frames, cut anywhere: every one answered, in order."""
     import random
 
-    from server.connection import Connection
+    from deskpush.server.connection import Connection
 
     fast = 0
     parse_fast = Connection._parse_fast

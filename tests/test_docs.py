@@ -17,10 +17,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from protocol import BUILTIN_TEMPLATES, FieldTemplate, Limits, Template
-from protocol import engine
-from protocol import frames as f
-from server import app, config
+from deskpush.protocol import BUILTIN_TEMPLATES, FieldTemplate, Limits, Template
+from deskpush.protocol import engine
+from deskpush.protocol import frames as f
+from deskpush.server import app, config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = ROOT / "docs" / "protocol.md"
@@ -235,7 +235,7 @@ def test_configuration_md_env_vars():
 
 
 def test_configuration_md_cli_options():
-    from server.cli import build_parser
+    from deskpush.server.cli import build_parser
 
     text = read(CONFIGURATION_MD)
     parser = build_parser()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import frames as f
-from protocol.engine import (
+from deskpush.protocol import frames as f
+from deskpush.protocol.engine import (
     ACCEPTED,
     AGENT_DISCONNECTED,
     AUTO_ACCEPTED,
@@ -24,7 +24,7 @@ from protocol.engine import (
     Send,
     State,
 )
-from protocol.templates import FieldTemplate, Template
+from deskpush.protocol.templates import FieldTemplate, Template
 
 from .engine_helpers import (
     AUTO,

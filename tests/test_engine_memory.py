@@ -1,7 +1,7 @@
 """Memory follows what is pending, not how many offers went through."""
 
-from protocol import BUILTIN_TEMPLATES, Engine, Limits
-from protocol import frames as f
+from deskpush.protocol import BUILTIN_TEMPLATES, Engine, Limits
+from deskpush.protocol import frames as f
 
 
 def test_timer_heap_and_recent_outcomes_stay_bounded():
@@ -22,7 +22,7 @@ def test_timer_heap_and_recent_outcomes_stay_bounded():
 
 
 def test_timer_work_can_be_taken_in_batches():
-    from protocol import Template
+    from deskpush.protocol import Template
 
     fast = Template(name="fast", title="t", timeout=1.0)
     engine = Engine({"fast": fast}, Limits(display_limit=1000, queue_limit=0))
@@ -78,7 +78,7 @@ def test_stale_timers_swept_while_deadlines_run_lose_nothing():
     deadlines run (the next queued offer displayed as one times out); every
     offer still ends once, on time.
     """
-    from protocol import Template
+    from deskpush.protocol import Template
 
     engine = Engine({"t": Template(name="t", title="t", timeout=1.0)},
                     Limits(display_limit=1, queue_limit=5000, timer_resolution=0))

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from protocol import frames as f
-from protocol.engine import (
+from deskpush.protocol import frames as f
+from deskpush.protocol.engine import (
     ACCEPTED,
     AGENT_DISCONNECTED,
     AUTO_ACCEPTED,
@@ -50,7 +50,7 @@ from protocol.engine import (
     Outcome,
     Send,
 )
-from protocol.templates import Template
+from deskpush.protocol.templates import Template
 
 from .engine_helpers import T0, cancel_frame, notify_frame, respond_frame
 

@@ -1,7 +1,7 @@
 """The Python integrator client and ``deskpush notify``, against a real server.
 
 Agents are driven with raw websockets (``open_agent``); the integrator side is
-``demo_client.integrator``. Connection drops are made with a small TCP proxy
+``deskpush.client``. Connection drops are made with a small TCP proxy
 between the client and the server (so the network, not the server, breaks) or
 by restarting a server on the same port.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from demo_client.integrator import (
+from deskpush.client import (
     LOST_DETAILS,
     CIFError,
     Integrator,
@@ -27,10 +27,10 @@ from demo_client.integrator import (
     Status,
     UnauthorizedError,
 )
-from protocol import Limits
-from server import Config, DeskpushServer
-from server.cli import main as cli_main
-from server.config import ServerSection
+from deskpush.protocol import Limits
+from deskpush.server import Config, DeskpushServer
+from deskpush.server.cli import main as cli_main
+from deskpush.server.config import ServerSection
 
 from .conftest import API_KEY, SECRET, UNIT, open_agent, recv_json, send_json
 

@@ -5,8 +5,8 @@ import io
 import logging
 import time
 
-from server import logs
-from server.logs import FORMAT, TickHandler, _Formatter, direct_writer
+from deskpush.server import logs
+from deskpush.server.logs import FORMAT, TickHandler, _Formatter, direct_writer
 
 from .conftest import open_agent, open_integrator, recv_json, send_json
 

@@ -12,9 +12,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from protocol import Limits, Template
-from server import Config, DeskpushServer
-from server.config import ServerSection
+from deskpush.protocol import Limits, Template
+from deskpush.server import Config, DeskpushServer
+from deskpush.server.config import ServerSection
 
 from .conftest import API_KEY, SECRET, UNIT, make_config, open_agent, open_integrator, recv_json, send_json
 
@@ -154,7 +154,7 @@ async def test_display_timeout_runs_on_the_server():
 
 async def test_a_burst_of_timeouts_ends_each_offer_once(monkeypatch):
     """Many deadlines due at once are ended chunk by chunk, none twice, none lost."""
-    from server import app
+    from deskpush.server import app
 
     monkeypatch.setattr(app, "TIMER_CHUNK", 7)  # many chunks, and many timer runs
     monkeypatch.setattr(app, "TIMER_BUDGET", 0.0)
@@ -230,7 +230,7 @@ async def test_a_deadline_due_during_a_long_flush_is_not_kept_waiting(monkeypatc
     thousands; the offer's display deadline falls due during the first one,
     and its result is written after it, not after both.
     """
-    from server import app
+    from deskpush.server import app
 
     monkeypatch.setattr(app, "FLUSH_SLICE", 1)
     async with DeskpushServer(short_config(timeout=0.3), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.frames import Field
-from protocol.templates import BUILTIN_TEMPLATES, FieldTemplate, Renderer, Template, render_fields, render_text
+from deskpush.protocol.frames import Field
+from deskpush.protocol.templates import BUILTIN_TEMPLATES, FieldTemplate, Renderer, Template, render_fields, render_text
 
 SLUGS = ["customerName", "queueName", "comment", "x"]
 texts = st.lists(st.one_of(st.sampled_from([f"{{{s}}}" for s in SLUGS]), st.text(max_size=5)), max_size=4).map("".join)
