@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: serve test chromium bench clean
+.PHONY: serve test chromium bench clean vocabulary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ chromium:
 # `make bench ARGS=--quick` is a smoke run in under a minute.
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# The browser code's copy of the protocol's names (demo_client/vocabulary.js),
+# generated from protocol/vocabulary.py; tests fail when it is stale.
+vocabulary: $(STAMP)
+	$(PY) -c 'from deskpush.protocol.vocabulary import javascript_module as m; print(m(), end="")' > demo_client/vocabulary.js
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

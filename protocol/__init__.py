@@ -22,13 +22,17 @@ from .engine import (
 )
 from .engine import SavedNotification, Snapshot
 from .templates import BUILTIN_TEMPLATES, FieldTemplate, Template
+from .vocabulary import AgentErrorCode, CloseCode, Closing, ErrorMessage, MsdynName
 
 __all__ = [
     "ACCEPTED",
     "AGENT_DISCONNECTED",
+    "AgentErrorCode",
     "AUTO_ACCEPTED",
     "BUILTIN_TEMPLATES",
     "CANCELLED",
+    "CloseCode",
+    "Closing",
     "DECLINED",
     "DISPLAY_TIMEOUT",
     "QUEUE_LIMIT",
@@ -36,8 +40,10 @@ __all__ = [
     "Effect",
     "Ended",
     "Engine",
+    "ErrorMessage",
     "FieldTemplate",
     "Limits",
+    "MsdynName",
     "Outcome",
     "SavedNotification",
     "Send",

@@ -64,13 +64,24 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from . import frames as f
 from .templates import Renderer, Template
+from .vocabulary import (
+    ACCEPTED,
+    AGENT_DISCONNECTED,
+    AUTO_ACCEPTED,
+    CANCELLED,
+    DECLINED,
+    DISPLAY_TIMEOUT,
+    QUEUE_LIMIT,
+    QUEUE_TIME_LIMIT,
+    Outcome,
+)
 
 __all__ = [
     "Engine",
@@ -95,19 +106,6 @@ __all__ = [
 Conn = Hashable
 
 
-class Outcome(NamedTuple):
-    action_name: str
-    response_reason: str
-
-
-ACCEPTED = Outcome("Accept", "Accept")
-AUTO_ACCEPTED = Outcome("Accept", "AutoAccept")
-DECLINED = Outcome("Reject", "DeclinedByAgent")
-QUEUE_LIMIT = Outcome("Reject", "NotificationQueueLimitExceeded")
-QUEUE_TIME_LIMIT = Outcome("Reject", "NotificationQueueTimeLimitExceeded")
-DISPLAY_TIMEOUT = Outcome("Timeout", "DisplayTimeout")
-CANCELLED = Outcome("Cancel", "CancelledByIntegrator")
-AGENT_DISCONNECTED = Outcome("Reject", "AgentDisconnected")
 # The result value of each outcome, made once (frames are immutable).
 _VALUES = {
     o: f.NotifyValue(action_name=o.action_name, response_reason=o.response_reason)
