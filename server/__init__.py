@@ -1,4 +1,21 @@
-"""deskpush's I/O layer: websockets endpoints, auth, config, the timer and the CLI."""
+"""deskpush's I/O layer around the sans-I/O core in ``deskpush.protocol``.
+
+Read in this order; each module opens with what it owns:
+
+* ``app``: ``DeskpushServer``, one node: puts the parts below together, routes
+  each handshake, starts and stops;
+* ``connection``: one TCP connection, HTTP then RFC 6455, on websockets'
+  public sans-I/O ``ServerProtocol``, with deskpush's own path for the
+  common data frame;
+* ``endpoints``: ``/agent`` and ``/integrator`` on one code path (hello, rate
+  limit, decode, errors);
+* ``dispatch``: engine effects to writes, and the one timer;
+* ``clock``: the engine's time on the event loop (tests use a fake one);
+* ``web``: ``/healthz`` and the demo's static files;
+* ``state``: pending notifications across a restart;
+* ``auth``, ``config``, ``logs``, ``cli``: tokens and keys, the TOML file,
+  logging off the hot path, the ``deskpush`` command.
+"""
 
 __version__ = "0.1.0"
 

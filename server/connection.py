@@ -1,27 +1,41 @@
-"""A websockets ``ServerConnection`` with a synchronous path for messages.
+"""One TCP connection: HTTP/1.1, then RFC 6455, on websockets' public sans-I/O API.
 
-deskpush's work for one message never awaits: decode it, call the engine, frame
-what the engine answers. Running that through ``recv()`` costs more than the
-work itself: every message goes through the connection's queue, wakes the
-handler task and resumes a chain of coroutines. ``Connection`` hands each
-complete message to ``on_message`` from ``data_received`` instead, in the loop
-iteration that read it (``recv()`` is not available), and queues outgoing text
-frames in a list that ``flush()`` writes with one ``write``.
+``Connection`` is an ``asyncio.Protocol``. It owns the bytes of one client:
+the opening handshake, the frames in both directions, keepalive and the
+closing handshake. What the connection is *for* is not its business: a
+``Handler`` (the server) answers the handshake request and, once the
+WebSocket is open, gives a ``Session`` (an endpoint's) that gets each
+complete message and is told once when the connection is gone.
 
-Two frames are handled here rather than by websockets' generic code, because
-they are nearly all the traffic: the client's complete, masked, unfragmented
-text or binary frame (parsed in ``_parse_fast`` while websockets' parser waits
-at a frame boundary; anything else goes to websockets, see below), and the
-server's unmasked, unfragmented, uncompressed text frame (``text_frame``,
-RFC 6455 section 5.2). ``tests/test_connection.py`` checks the first against
-any mix of frames cut at any byte and the second byte for byte against
-websockets' own ``Frame.serialize``. Everything else stays with websockets:
-the handshake, control frames, fragmented messages, ``max_size``, protocol
-errors, keepalive and the closing handshake.
+Who parses what
+---------------
+websockets' ``ServerProtocol`` (its documented sans-I/O layer: ``receive_data``,
+``events_received``, ``data_to_send``, ``accept``, ``send_response``,
+``send_close``, ``send_ping``, ``fail``, ``close_expected``, ``state``) does
+everything the protocol asks of a server except the common data frame:
 
-Before the handler sets ``on_message``, messages are held in arrival order
-(at most one read's worth, since the handler runs in the next loop turn), and
-``next_message()`` gives the first one to a handler waiting for a hello.
+* the handshake: it parses the request and builds the answer; the handler may
+  answer with plain HTTP instead (health, static files, 401);
+* control frames, fragmented messages, oversized frames and every frame that
+  breaks RFC 6455, with its close codes (1002, 1009) and reasons;
+* the closing handshake and when to close TCP.
+
+deskpush parses frame *headers* itself (RFC 6455 section 5.2), so it always
+knows where a frame ends, and handles the frame that is nearly all the
+traffic: complete, masked, final, text or binary, no reserved bits, within
+``max_size``, outside a fragmented message. It unmasks it and hands the
+message to the session, in the loop iteration that read it. Any other frame
+is fed to websockets whole, from its first byte to its last, so websockets'
+parser only ever sees whole frames and is always at a frame boundary when
+deskpush parses the next header. The request is fed to it the same way: up
+to the blank line that ends it, nothing more. Once websockets has started
+closing (it received or sent a close frame, or failed the connection), every
+byte goes to it.
+
+Outgoing, deskpush frames its own server-to-client text frames
+(``text_frame``) and queues them; ``flush()`` writes the queue with one
+``write``. What websockets writes (the 101, a pong, a close frame) goes after
+the frames already queued, since nothing may follow a close frame.
 """
 
 from __future__ import annotations
@@ -29,22 +43,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol, cast
 
-from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode, apply_mask
+from websockets import ServerProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-__all__ = ["Connection", "text_frame"]
+from ..protocol.vocabulary import CLOSE_INTERNAL_ERROR, CLOSE_KEEPALIVE_TIMEOUT
+
+__all__ = ["Connection", "ConnectionOptions", "Handler", "Session", "text_frame", "unmask"]
 
 log = logging.getLogger("deskpush")
+ws_log = logging.getLogger("websockets.server")
 
-OPEN = State.OPEN
-OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+OPEN, CONNECTING = State.OPEN, State.CONNECTING
+OP_TEXT, OP_BINARY, OP_CONT, OP_PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 _SHORT = [bytes((0x81, n)) for n in range(126)]  # FIN + text, 7-bit length
 _MEDIUM = struct.Struct("!BBH").pack  # FIN + text, 126, 16-bit length
 _LONG = struct.Struct("!BBQ").pack  # FIN + text, 127, 64-bit length
+_PING = struct.Struct("!I").pack
+# A request whose head is not complete after this many bytes is refused
+# (websockets' own limits allow more, but no browser or SDK sends that much).
+MAX_REQUEST_HEAD = 64 * 1024
 
 
 def text_frame(data: bytes) -> bytes:
@@ -57,260 +80,404 @@ def text_frame(data: bytes) -> bytes:
     return _LONG(0x81, 127, n) + data
 
 
-class Connection(ServerConnection):
-    """``ServerConnection`` plus ``on_message``, ``next_message()``, ``queue_frame()`` and ``flush()``."""
+def unmask(data: bytes, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
 
-    # In slots: ServerConnection's instance dict is near a size step, and a
-    # few more keys in it cost more per connection than the slots do.
-    __slots__ = ("on_message", "_held", "_waiter", "_parts", "_out", "_fast", "_buf", "_max_size")
+    As one integer operation, which runs in C: the mask, repeated over the
+    whole length, XORed with the data read as one integer.
+    """
+    n = len(data)
+    if n > _SPREAD_UP_TO:
+        key = int.from_bytes((mask * ((n + 3) >> 2))[:n], "little")
+        return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+    spread = _SPREAD.get(n)
+    if spread is None:
+        # 1 + 2**32 + 2**64 + ...: times the mask, it repeats the mask.
+        spread = _SPREAD[n] = int.from_bytes(b"\1\0\0\0" * ((n + 3) >> 2), "little"), (1 << (8 * n)) - 1
+    repeat, keep = spread
+    return ((int.from_bytes(data, "little") ^ int.from_bytes(mask, "little") * repeat) & keep).to_bytes(n, "little")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: Called with each complete message (text or binary) as bytes.
-        self.on_message: Callable[[bytes], None] | None = None
-        self._held: list[bytes] = []
-        self._waiter: asyncio.Future[bytes] | None = None
-        self._parts: list[bytes] | None = None
-        self._out: list[bytes] = []
-        self._fast = False  # parsing frames in _parse_fast
-        self._buf = b""  # a frame not complete yet, in fast mode
-        self._max_size: int | None = None
 
-    # ------------------------------------------------------------------
-    # Incoming
+# Per message length, for the common short messages: the multiplier that
+# repeats a mask over that length, and the bits to keep.
+_SPREAD_UP_TO = 4096
+_SPREAD: dict[int, tuple[int, int]] = {}
 
-    def process_event(self, event: Any) -> None:
-        if self.request is None or type(event) is not Frame:
-            super().process_event(event)  # the handshake request
-            return
-        opcode = event.opcode
-        if opcode is OP_TEXT or opcode is OP_BINARY:
-            if not event.fin:
-                self._parts = [event.data]
-                return
-            data = event.data
-        elif opcode is OP_CONT:
-            # websockets' parser enforces max_size over the whole message and
-            # the order of continuation frames; only the pieces are kept here.
-            assert self._parts is not None
-            self._parts.append(event.data)
-            if not event.fin:
-                return
-            data = b"".join(self._parts)
-            self._parts = None
-        else:
-            super().process_event(event)  # pongs answer keepalive pings
-            return
-        if type(data) is not bytes:
-            data = bytes(data)
-        self._deliver(data)
 
-    def _deliver(self, data: bytes) -> None:
-        on_message = self.on_message
-        if on_message is None:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(data)
-            else:
-                self._held.append(data)
-            return
-        try:
-            on_message(data)
-        except Exception:
-            # A bug, not bad input (bad input gets an error frame): log it and
-            # close this connection, as websockets does for a handler that raises.
-            log.exception("error handling a message from %s", self.remote_address)
-            self.on_message = _drop
-            self.protocol.fail(1011, "internal error")
-            self.send_data()
+class Session(Protocol):
+    """What an open WebSocket connection delivers to (an endpoint's)."""
 
-    # The common frame, parsed here. websockets' parser is a chain of
-    # generators that costs more per frame than deskpush's work on it. While
-    # the connection is open and websockets' parser waits at a frame boundary
-    # with nothing buffered, data_received parses complete, masked, final,
-    # uncompressed text or binary frames within max_size itself. At the first
-    # anything else (a ping, pong or close frame, a fragment, reserved bits,
-    # an oversized or unmasked frame) it hands the rest of the data, from that
-    # frame on, to websockets, which then sees exactly the byte stream it would
-    # have seen, starting on a frame boundary; the fast path resumes when
-    # websockets is back at a boundary.
+    def message(self, data: bytes) -> None:
+        """A complete message (text or binary), in order."""
 
-    def data_received(self, data: bytes) -> None:
-        if self._fast:
-            self._parse_fast(data)
-        else:
-            self._receive_slow(data)
+    def closed(self) -> None:
+        """The connection is gone. Called once, last."""
 
-    def _receive_slow(self, data: bytes) -> None:
-        """websockets parses ``data``; the fast path resumes if it ends on a frame boundary."""
-        super().data_received(data)
-        if self.on_message is not None and self.on_message is not _drop:
-            self._fast = self._at_frame_boundary()
 
-    def _at_frame_boundary(self) -> bool:
-        protocol = self.protocol
-        try:
-            if protocol.state is not OPEN or protocol.current_size is not None or protocol.reader.buffer:
-                return False
-            # Where websockets' parser is suspended: waiting for the first byte
-            # of a frame (at_eof), or inside a frame whose header it took.
-            gen = protocol.parser
-            while gen.gi_yieldfrom is not None:
-                gen = gen.gi_yieldfrom
-            return gen.gi_code.co_name == "at_eof" and self._parts is None
-        except AttributeError:  # another websockets release: websockets parses everything
-            return False
+class Handler(Protocol):
+    """What a connection asks about its handshake (the server)."""
 
-    def _parse_fast(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        end = len(buf)
-        pos = 0
-        max_size = self._max_size
-        protocol = self.protocol
-        while pos < end:
-            if protocol.state is not OPEN:
-                break
-            head1 = buf[pos]
-            if head1 != 0x81 and head1 != 0x82:  # FIN, no RSV bits, text or binary
-                break
-            if end - pos < 2:
-                self._buf = buf[pos:]
-                return
-            head2 = buf[pos + 1]
-            if head2 < 0x80:  # a client must mask
-                break
-            length = head2 & 0x7F
-            if length == 126:
-                if end - pos < 4:
-                    self._buf = buf[pos:]
-                    return
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                start = pos + 8
-            elif length == 127:
-                break
-            else:
-                start = pos + 6
-            if max_size is not None and length > max_size:
-                break
-            stop = start + length
-            if stop > end:
-                self._buf = buf[pos:]
-                return
-            pos = stop
-            self._deliver(apply_mask(buf[start:stop], buf[start - 4:start]))
-        else:
-            self._buf = b""
-            return
-        # Not a frame for this path (or the connection is closing): websockets
-        # takes the stream from this frame on.
-        self._fast = False
-        self._buf = b""
-        self._receive_slow(buf[pos:] if pos else buf)
+    def respond(self, conn: Connection, request: Request) -> Response | None:
+        """A plain HTTP answer to ``request``, or None to open the WebSocket."""
 
-    async def next_message(self, timeout: float | None = None) -> bytes:
-        """The next message not yet handed to ``on_message``.
+    def open(self, conn: Connection) -> Session:
+        """The session for a connection whose WebSocket just opened."""
 
-        Raises ConnectionClosed once closed, TimeoutError after ``timeout``
-        seconds. (One timer handle: ``asyncio.timeout`` around the await
-        cost about 8 µs more per connection, 2% of a reconnect storm.)
-        """
-        if self._held:
-            return self._held.pop(0)
-        if self.protocol.state is not OPEN:
-            raise self.close_exc
-        waiter = self._waiter = self.loop.create_future()
-        timer = None if timeout is None else self.loop.call_later(timeout, _time_out, waiter)
-        try:
-            return await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+    def closed(self, conn: Connection) -> None:
+        """``conn`` is gone (after its session, if it had one, was told)."""
 
-    def set_on_message(self, on_message: Callable[[bytes], None]) -> None:
-        """Route messages to ``on_message``, starting with any held ones."""
-        held, self._held = self._held, []
-        self.on_message = on_message
-        protocol = self.protocol
-        sizes = [n for n in (getattr(protocol, "max_message_size", None), getattr(protocol, "max_fragment_size", None))
-                 if n is not None]
-        self._max_size = min(sizes) if sizes else None
-        self._fast = self._at_frame_boundary()
-        for data in held:
-            if self.on_message is not on_message:  # it closed the connection
-                break
-            on_message(data)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # Messages go to on_message or next_message(), never through recv():
-        # websockets' message queue would sit empty for the life of the
-        # connection, at about 1.5 KiB each.
-        self.recv_messages = _NO_MESSAGES  # type: ignore[assignment]
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """Settings shared by every connection of a server; times in seconds."""
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self._fast = False
-        self._buf = b""
-        self.on_message = None
-        self._held.clear()
-        self._out.clear()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(self.close_exc)
+    max_size: int = 64 * 1024
+    #: The whole request must arrive within this, or the connection is dropped.
+    open_timeout: float = 10.0
+    #: After the server sends or receives a close frame, TCP must be closed within this.
+    close_timeout: float = 5.0
+    #: A protocol ping every ``ping_interval``; no pong within ``ping_timeout``: close 1011. 0: off.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: Bytes that may wait in the write buffer; past it the client is too slow and is dropped.
+    outbound_limit: int = 1024 * 1024
+    server_header: str = "deskpush"
+
+
+class Connection(asyncio.Protocol):
+    """One client connection. See the module docstring."""
+
+    __slots__ = (
+        "handler", "options", "loop", "transport", "protocol", "request", "session", "remote_address",
+        "_buf", "_reading_request", "_to_websockets", "_fragments", "_out", "_timer", "_keepalive", "_ping",
+        "_pings",
+    )
+
+    def __init__(self, handler: Handler, options: ConnectionOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.handler = handler
+        self.options = options
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.protocol = ServerProtocol(max_size=options.max_size, logger=ws_log)
+        #: The handshake request, once received (its ``path``, its ``headers``).
+        self.request: Request | None = None
+        self.session: Session | None = None
+        self.remote_address: tuple | None = None
+        self._buf = b""  # bytes read and not parsed yet
+        self._reading_request = True  # until the request's head is fed to websockets
+        self._to_websockets = 0  # bytes of the current frame still to feed to websockets
+        self._fragments: list[bytes] | None = None  # a fragmented message, as websockets parses it
+        self._out: list[bytes] = []  # frames queued by queue_frame
+        self._timer: asyncio.TimerHandle | None = None  # open or close deadline
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping: tuple[bytes, float] | None = None  # unanswered ping: payload, sent at
+        self._pings = 0
 
     # ------------------------------------------------------------------
-    # Outgoing
+    # For the session and the server
+
+    @property
+    def open(self) -> bool:
+        """Whether the WebSocket is open: messages are delivered and frames written."""
+        return self.protocol.state is OPEN
 
     def queue_frame(self, frame: bytes) -> int:
-        """Queue a frame made by ``text_frame``; ``flush()`` writes it.
+        """Queue a frame made by ``text_frame``; ``flush()`` writes it. Returns how many are queued.
 
-        One frame may be shared among many connections. Whoever flushes
-        checks that the connection is still open (``discard_queued`` if not).
-        Returns how many frames are queued now.
+        One frame may be queued on many connections. Frames queued on a
+        connection that is no longer open are dropped at the flush.
         """
         out = self._out
         out.append(frame)
         return len(out)
 
-    def discard_queued(self) -> None:
-        self._out.clear()
-
     def flush(self) -> None:
-        """Write every queued frame with one ``write``."""
+        """Write every queued frame with one ``write``, unless closing or too slow to keep up."""
         out = self._out
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
+        if not out:
+            return
+        transport = self.transport
+        if self.protocol.state is not OPEN or transport is None or transport.is_closing():
             out.clear()
-            self.transport.write(data)
+            return
+        if transport.get_write_buffer_size() > self.options.outbound_limit:
+            # It cannot keep up: drop it rather than buffer without bound.
+            # Its session sees it closed; nobody else waits for it.
+            log.warning("closing %s: write buffer over %d bytes", self.remote_address, self.options.outbound_limit)
+            out.clear()
+            transport.abort()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        transport.write(data)
 
-    def send_data(self) -> None:
-        # Whatever websockets writes (a pong, a close frame) goes after the
-        # frames already queued: nothing may follow a close frame.
-        if self._out:
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (frames queued before go out first)."""
+        if self.protocol.state is not OPEN:
+            return
+        self.flush()
+        self.protocol.send_close(code, reason)
+        self._send_protocol_data()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is one, without the base class
+        self.remote_address = transport.get_extra_info("peername")
+        self._timer = self.loop.call_later(self.options.open_timeout, self._abort_late)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.protocol.state
+        if state is OPEN:
+            self._receive_frames(self._buf + data if self._buf else data)
+        elif self._reading_request:
+            self._receive_request(self._buf + data if self._buf else data)
+        else:
+            self._feed(data)
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self._send_protocol_data()
+        # Returning None closes the transport: the WebSocket has its own
+        # closing handshake, so nothing is written after the client's EOF.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent: the state is now CLOSED
+        self.protocol.data_to_send()
+        self._out.clear()
+        self._buf = b""
+        for handle in (self._timer, self._keepalive):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._keepalive = None
+        session, self.session = self.session, None
+        try:
+            if session is not None:
+                session.closed()
+        finally:
+            self.handler.closed(self)
+
+    # ------------------------------------------------------------------
+    # The opening handshake
+
+    def _receive_request(self, buf: bytes) -> None:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_REQUEST_HEAD:
+                self._buf = b""
+                self._reading_request = False
+                self._respond(self.protocol.reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                                   "Failed to open a WebSocket connection: request too large.\n"))
+            else:
+                self._buf = buf
+            return
+        end += 4
+        self._buf = b""
+        self._reading_request = False
+        protocol = self.protocol
+        protocol.receive_data(buf[:end])
+        for event in protocol.events_received():
+            if isinstance(event, Request):
+                self.request = event
+        if self.request is None:  # not HTTP: websockets closes the connection
+            self._send_protocol_data()
+            return
+        try:
+            response = self.handler.respond(self, self.request)
+        except Exception:
+            log.exception("error answering %s %s", self.request.method, self.request.path)
+            response = protocol.reject(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                       "Failed to open a WebSocket connection.\nSee server log for more information.\n")
+        if response is None:
+            response = protocol.accept(self.request)
+        self._respond(response)
+        if protocol.state is OPEN:
+            self._opened()
+            if end < len(buf):
+                self._receive_frames(buf[end:])  # frames sent without waiting for the 101
+        elif end < len(buf):
+            self._feed(buf[end:])  # websockets discards them
+
+    def _respond(self, response: Response) -> None:
+        if self._timer is not None:  # answered in time
+            self._timer.cancel()
+            self._timer = None
+        response.headers["Server"] = self.options.server_header
+        self.protocol.send_response(response)
+        self._send_protocol_data()
+
+    def _opened(self) -> None:
+        options = self.options
+        if options.ping_interval:
+            self._keepalive = self.loop.call_later(options.ping_interval, self._send_ping)
+        try:
+            self.session = self.handler.open(self)
+        except Exception:
+            self._internal_error("error opening a session for")
+
+    def _abort_late(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------
+    # Frames from the client
+
+    def _receive_frames(self, buf: bytes) -> None:
+        """Parse ``buf``: the common data frame here, any other frame through websockets."""
+        end = len(buf)
+        pos = 0
+        max_size = self.options.max_size
+        protocol = self.protocol
+        while pos < end:
+            if protocol.state is not OPEN:  # closing: websockets takes every byte from here
+                self._buf = b""
+                self._feed(buf[pos:])
+                return
+            if self._to_websockets:
+                take = min(self._to_websockets, end - pos)
+                self._to_websockets -= take
+                self._feed(buf[pos:pos + take])
+                pos += take
+                continue
+            if end - pos < 2:
+                break
+            head1 = buf[pos]
+            head2 = buf[pos + 1]
+            length = head2 & 0x7F
+            start = pos + 2
+            if length == 126:
+                if end - start < 2:
+                    break
+                length = (buf[start] << 8) | buf[start + 1]
+                start += 2
+            elif length == 127:
+                if end - start < 8:
+                    break
+                length = int.from_bytes(buf[start:start + 8], "big")
+                start += 8
+            masked = head2 & 0x80
+            if masked:
+                start += 4
+            if ((head1 == 0x81 or head1 == 0x82) and masked and length <= max_size
+                    and self._fragments is None):
+                # FIN, no reserved bits, text or binary, masked, not too big.
+                stop = start + length
+                if stop > end:
+                    break
+                pos = stop
+                self._deliver(unmask(buf[start:stop], buf[start - 4:start]))
+            else:
+                # websockets takes this frame from its first byte to its last
+                # (and fails the connection at its header if it is not valid).
+                self._to_websockets = start - pos + length
+        self._buf = buf[pos:] if pos < end else b""
+
+    def _feed(self, data: bytes) -> None:
+        """Let websockets parse ``data`` and act on what it makes of it."""
+        protocol = self.protocol
+        if self._out and protocol.state is OPEN:
+            # What websockets may write now (a pong, a close frame) goes
+            # after the frames queued before it; nothing may follow a close.
             self.flush()
-        super().send_data()
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+        self._send_protocol_data()
 
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is OP_TEXT or opcode is OP_BINARY:
+            if frame.fin:
+                self._deliver(bytes(frame.data))
+            else:
+                self._fragments = [bytes(frame.data)]
+        elif opcode is OP_CONT:
+            # websockets checked the order of the fragments and max_size
+            # over the whole message; only the pieces are kept here.
+            assert self._fragments is not None
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = None
+                self._deliver(data)
+        elif opcode is OP_PONG:
+            ping = self._ping
+            if ping is not None and bytes(frame.data) == ping[0]:
+                self._ping = None
+                if self._keepalive is not None:
+                    self._keepalive.cancel()
+                self._keepalive = self.loop.call_at(ping[1] + self.options.ping_interval, self._send_ping)
+        # A ping is answered by websockets; a close frame too (data_to_send).
 
-class _NoMessages:
-    """Stands in for websockets' Assembler: this connection delivers messages itself."""
+    def _deliver(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.protocol.state is not OPEN:
+            return
+        try:
+            session.message(data)
+        except Exception:
+            # A bug, not bad input (bad input gets an error frame): log it and
+            # fail this connection only.
+            self._internal_error("error handling a message from")
 
-    def close(self) -> None:
-        pass
+    def _internal_error(self, what: str) -> None:
+        log.exception("%s %s", what, self.remote_address)
+        if self.protocol.state is OPEN:
+            self.flush()
+            self.protocol.fail(*CLOSE_INTERNAL_ERROR)
+            self._send_protocol_data()
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("deskpush's Connection hands messages to on_message; recv() is not available")
+    # ------------------------------------------------------------------
+    # Keepalive: a protocol ping every ping_interval, 1011 without its pong
 
-    get = get_iter = put = _refuse
+    def _send_ping(self) -> None:
+        self._keepalive = None
+        if self.protocol.state is not OPEN:
+            return
+        self._pings += 1
+        payload = _PING(self._pings)
+        self._ping = (payload, self.loop.time())
+        self.flush()
+        self.protocol.send_ping(payload)
+        self._send_protocol_data()
+        if self.options.ping_timeout:
+            self._keepalive = self.loop.call_later(self.options.ping_timeout, self._ping_timed_out)
 
+    def _ping_timed_out(self) -> None:
+        self._keepalive = None
+        if self.protocol.state is OPEN and self._ping is not None:
+            self.flush()
+            self.protocol.fail(*CLOSE_KEEPALIVE_TIMEOUT)
+            self._send_protocol_data()
 
-_NO_MESSAGES = _NoMessages()
+    # ------------------------------------------------------------------
+    # Writing what websockets has to send
 
+    def _send_protocol_data(self) -> None:
+        protocol = self.protocol
+        transport = self.transport
+        for data in protocol.data_to_send():
+            if transport is None or transport.is_closing():
+                continue
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                # websockets' end of stream: the server half-closes TCP and
+                # waits (close_timeout at most) for the client to close.
+                try:
+                    transport.write_eof()
+                except (OSError, RuntimeError):
+                    transport.abort()
+            else:  # pragma: no cover - TLS is terminated in front of deskpush
+                transport.close()
+        if protocol.close_expected() and self._timer is None and protocol.state is not State.CLOSED:
+            self._timer = self.loop.call_later(self.options.close_timeout, self._abort_late)
 
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
-def _drop(data: bytes) -> None:
-    """``on_message`` for a connection that is closing: ignore what still arrives."""

@@ -25,18 +25,25 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-__all__ = ["TickHandler", "direct_writer", "setup"]
+if TYPE_CHECKING:
+    from ..protocol import Ended, Outcome
+
+__all__ = ["FORMAT", "LineFormatter", "TickHandler", "direct_writer", "outcome_logger", "setup"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-class _Formatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
     """The stock format, with the date and time rendered once per second."""
 
     _second = -1
     _stamp = ""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self.format_string = fmt
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self.stamp(record.created)
@@ -65,9 +72,10 @@ class TickHandler(logging.Handler):
         except Exception:  # pragma: no cover - logging's own contract
             self.handleError(record)
             return
-        self._append(line)
+        self.append_line(line)
 
-    def _append(self, line: str) -> None:
+    def append_line(self, line: str) -> None:
+        """Add a formatted line to the batch written at the end of the loop iteration."""
         self._lines.append(line)
         if self._scheduled:
             return
@@ -120,11 +128,11 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     (handler,) = handlers
     formatter = handler.formatter
     if (type(handler) is not TickHandler or handler.filters or level < handler.level
-            or type(formatter) is not _Formatter or formatter._fmt != FORMAT):
+            or type(formatter) is not LineFormatter or formatter.format_string != FORMAT):
         return None
     prefix = f" {logging.getLevelName(level)} {logger.name} "
     stamp = formatter.stamp
-    append = handler._append
+    append = handler.append_line
     clock = time.time
 
     last_ms = -1
@@ -143,16 +151,43 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     return write
 
 
+def outcome_logger(logger: logging.Logger) -> Callable[[Ended], None] | None:
+    """What writes the INFO line of each outcome to ``logger``, or None when INFO is off.
+
+    Decided once, like ``direct_writer``: call it again after changing the
+    logging configuration.
+    """
+    write = direct_writer(logger, logging.INFO)
+    if write is None and not logger.isEnabledFor(logging.INFO):
+        return None
+    emit = write if write is not None else logger.info
+    # The end of the line depends only on the outcome and whether it was delivered.
+    tails: dict[tuple[Outcome, bool], str] = {}
+
+    def log_outcome(e: Ended) -> None:
+        key = (e.outcome, e.delivered)
+        tail = tails.get(key)
+        if tail is None:
+            o = e.outcome
+            tail = tails[key] = (f" actionName={o.action_name} responseReason={o.response_reason} "
+                                 f"delivered={e.delivered}")
+        emit(f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
+             f"correlationId={e.correlation_id} integrator={e.integrator}{tail}")
+
+    return log_outcome
+
+
 def setup(level: str, stream: TextIO | None = None) -> TickHandler:
     """Route every logger through one ``TickHandler`` at ``level``."""
     # What the logging HOWTO's "Optimization" section lists: no caller lookup,
     # thread or process names per record; the lines do not show them.
+    # (_srcfile is the switch that section documents.)
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = TickHandler(stream)
-    handler.setFormatter(_Formatter(FORMAT))
+    handler.setFormatter(LineFormatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

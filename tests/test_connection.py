@@ -1,4 +1,4 @@
-"""server.connection: the synchronous message path and the hand-made text frame."""
+"""server.connection: the handshake, the frames deskpush parses itself, those it hands to websockets."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 # The sans-I/O client protocol that websockets.asyncio's client drives.
 from websockets.asyncio.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets import ServerProtocol
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from deskpush.server import Config, DeskpushServer
 from deskpush.server.config import ServerSection
-from deskpush.server.connection import text_frame
+from deskpush.server.connection import text_frame, unmask
 
 from .conftest import API_KEY, SECRET, UNIT, open_agent, open_integrator, recv_json, send_json
 
@@ -33,13 +35,19 @@ def test_text_frame_is_what_websockets_would_send(size):
 
 @given(st.binary(max_size=300))
 def test_text_frame_round_trips_through_a_client_parser(data):
-    client = ClientProtocol(parse_uri("ws://h/agent"))
-    client.state = client.state.OPEN  # skip the handshake: parse frames only
-    client.parser = client.parse()
-    next(client.parser)
+    client = ClientProtocol(parse_uri("ws://h/agent"), state=State.OPEN)  # frames only, no handshake
     client.receive_data(text_frame(data))
     (frame,) = client.events_received()
     assert frame.opcode is Opcode.TEXT and frame.fin and bytes(frame.data) == data
+
+
+@given(st.binary(max_size=70_000))
+def test_unmask_undoes_a_clients_mask(data):
+    client = ClientProtocol(parse_uri("ws://h/agent"), state=State.OPEN)
+    client.send_text(data)
+    (wire,) = client.data_to_send()
+    start = len(wire) - len(data)
+    assert unmask(wire[start:], wire[start - 4:start]) == data
 
 
 async def test_fragmented_message_is_one_frame(server):
@@ -53,15 +61,13 @@ async def test_fragmented_message_is_one_frame(server):
 async def test_frames_sent_with_the_handshake_are_all_handled(server):
     """A client that does not wait for the 101 before its frames loses none of them."""
     client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{server.port}/agent"))
-    request = client.connect()
-    client.send_request(request)
+    client.send_request(client.connect())
     handshake = b"".join(client.data_to_send())
-    client.state = client.state.OPEN  # frame as an open client would, ahead of the answer
+    framer = ClientProtocol(parse_uri(f"ws://127.0.0.1:{server.port}/agent"), state=State.OPEN)
     hello = {"type": "hello", "token": server.tokens.issue("agent-7")}
     for frame in (hello, {"type": "ping"}, {"type": "ping"}):
-        client.send_text(json.dumps(frame).encode())
-    frames = b"".join(client.data_to_send())
-    client.state = client.state.CONNECTING
+        framer.send_text(json.dumps(frame).encode())
+    frames = b"".join(framer.data_to_send())  # framed as an open client would, ahead of the answer
 
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(handshake + frames)
@@ -77,11 +83,11 @@ async def test_frames_sent_with_the_handshake_are_all_handled(server):
 
 
 async def test_a_bug_while_handling_closes_that_connection_with_1011(server, monkeypatch, caplog):
-    def broken(conn, frame, now):
+    def broken(effects):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(server.engine, "agent_frame", broken)
     victim, _ = await open_agent(server, "victim")
+    monkeypatch.setattr(server.dispatcher, "apply", broken)
     await send_json(victim, {"type": "ping"})
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(5 * UNIT):
@@ -173,22 +179,22 @@ async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
     """Whole, fragmented and control frames, cut anywhere: every one answered, in order."""
     import random
 
-    from deskpush.server.connection import Connection
-
-    fast = 0
-    parse_fast = Connection._parse_fast
+    # Bytes websockets' parser is given after the hello: only the frames it
+    # must parse (control frames and fragments), never a whole data frame.
+    fed: list[bytes] = []
+    receive_data = ServerProtocol.receive_data
 
     def counting(self, data):
-        nonlocal fast
-        fast += 1
-        parse_fast(self, data)
+        fed.append(bytes(data))
+        receive_data(self, data)
 
-    monkeypatch.setattr(Connection, "_parse_fast", counting)
     server = roomy
     rng = random.Random(seed)
     client, reader, writer = await _raw_agent(server)
+    monkeypatch.setattr(ServerProtocol, "receive_data", counting)
     stream = []
     expected = []
+    for_websockets = 0
     for i in range(60):
         kind = rng.choice(["text", "text", "text", "binary", "fragments", "ping", "big"])
         if kind == "text":
@@ -203,15 +209,19 @@ async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
             expected.append("pong")  # unknown fields are ignored
         elif kind == "fragments":
             cut = rng.randrange(1, len(PING))
-            stream.append(_frame(Opcode.TEXT, PING[:cut], fin=False))
+            first, last = _frame(Opcode.TEXT, PING[:cut], fin=False), _frame(Opcode.CONT, PING[cut:])
+            stream.append(first)
+            for_websockets += len(first) + len(last)
             if rng.random() < 0.5:  # a control frame may come between fragments
                 stream.append(_frame(Opcode.PING, b"mid%d" % i))
                 expected.append(f"PONG mid{i}")
-            stream.append(_frame(Opcode.CONT, PING[cut:]))
+                for_websockets += len(stream[-1])
+            stream.append(last)
             expected.append("pong")
         else:
             stream.append(_frame(Opcode.PING, b"p%d" % i))
             expected.append(f"PONG p{i}")
+            for_websockets += len(stream[-1])
     data = b"".join(stream)
     while data:
         n = rng.choice([1, 2, 3, 5, 7, 40, 300, 5000])
@@ -234,7 +244,7 @@ async def test_any_mix_of_frames_in_any_chunks(roomy, monkeypatch, seed):
     # websockets itself): each kind in order, none missing.
     assert [g for g in got if g.startswith("PONG")] == [e for e in expected if e.startswith("PONG")]
     assert [g for g in got if not g.startswith("PONG")] == [e for e in expected if not e.startswith("PONG")]
-    assert fast > 0  # the fast path did take part
+    assert sum(map(len, fed)) == for_websockets  # every whole data frame was deskpush's to parse
     await _goodbye(reader, writer)
 
 

@@ -5,10 +5,10 @@ import io
 import logging
 import time
 
-from deskpush.server import logs
-from deskpush.server.logs import FORMAT, TickHandler, _Formatter, direct_writer
+from deskpush.server import DeskpushServer, logs
+from deskpush.server.logs import FORMAT, LineFormatter, TickHandler, direct_writer
 
-from .conftest import open_agent, open_integrator, recv_json, send_json
+from .conftest import API_KEY, SECRET, make_config, open_agent, open_integrator, recv_json, send_json
 
 
 class CountingStream(io.StringIO):
@@ -47,7 +47,7 @@ def test_outside_a_loop_lines_are_written_at_once():
 
 def _tick_logger(name: str, stream: io.StringIO) -> tuple[logging.Logger, TickHandler]:
     handler = TickHandler(stream)
-    handler.setFormatter(_Formatter(FORMAT))
+    handler.setFormatter(LineFormatter(FORMAT))
     log = logging.getLogger(name)
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
@@ -83,22 +83,22 @@ def test_direct_writer_steps_aside_when_it_would_change_the_output():
     log.handlers[:] = [handler]
     handler.setFormatter(logging.Formatter("%(message)s"))
     assert direct_writer(log, logging.INFO) is None  # a different format
-    handler.setFormatter(_Formatter(FORMAT))
+    handler.setFormatter(LineFormatter(FORMAT))
     assert direct_writer(log, logging.INFO) is not None
 
 
-async def test_outcome_lines_reach_ordinary_logging_handlers(server, caplog):
+async def test_outcome_lines_reach_ordinary_logging_handlers(caplog):
     """Embedded in another program (here pytest's capture), outcomes go through logging."""
-    caplog.set_level(logging.INFO, logger="deskpush.outcome")
-    server._log_outcome = server._outcome_logger()  # decided at start; the level changed since
-    agent, _ = await open_agent(server)
-    ig = await open_integrator(server)
-    await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "correlationId": "c-9",
-                         "input": {"templateName": "msdyn_chat_incoming_unauthenticated"}})
-    card = (await recv_json(agent))
-    await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Reject"})
-    while (await recv_json(ig))["type"] != "result":
-        pass
+    caplog.set_level(logging.INFO, logger="deskpush.outcome")  # before the start, which decides how to log
+    async with DeskpushServer(make_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as server:
+        agent, _ = await open_agent(server)
+        ig = await open_integrator(server)
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "correlationId": "c-9",
+                             "input": {"templateName": "msdyn_chat_incoming_unauthenticated"}})
+        card = (await recv_json(agent))
+        await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Reject"})
+        while (await recv_json(ig))["type"] != "result":
+            pass
     (record,) = [r for r in caplog.records if r.name == "deskpush.outcome"]
     assert record.levelno == logging.INFO
     assert f"notificationId={card['notificationId']} agentId=agent-7 correlationId=c-9 integrator=crm" in record.message

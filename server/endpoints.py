@@ -1,0 +1,249 @@
+"""The two WebSocket endpoints, ``/agent`` and ``/integrator``, on one code path.
+
+A ``Session`` is one open WebSocket connection on an endpoint. Every message
+takes the same path, whichever the endpoint:
+
+1. before authentication, the message must be the endpoint's ``hello`` and
+   its credential must check out, within ``helloTimeout`` of the opening;
+   anything else closes the connection with 4401;
+2. after it, the rate limit (a token bucket per connection; past it: close
+   1008), then the message is decoded with the endpoint's decoder; one that
+   does not decode gets the endpoint's error frame and the connection stays;
+3. a decoded frame goes to the engine, and its effects to the dispatcher.
+
+What differs is in ``Endpoint``: the decoder, the hello and how to check it,
+which engine events a session maps to, the error frame for a bad frame, and
+the rate. An integrator may also authenticate on the upgrade request
+(``Authorization: Bearer``), and then sends no hello.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from websockets.http11 import Request, Response
+
+from ..protocol import Effect, Engine, Send
+from ..protocol import frames as f
+from ..protocol.vocabulary import CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, AgentErrorCode, ErrorMessage, MsdynName
+from .auth import AgentTokens, ApiKeys
+from .clock import Cancellable, Clock
+from .connection import Connection
+from .dispatch import Dispatcher
+from .web import plain
+
+__all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
+
+log = logging.getLogger("deskpush")
+
+
+class Bucket:
+    """Token bucket: ``rate`` frames per second with ``burst`` in reserve; times in epoch ms."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate / 1000.0
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        self.stamp = now
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What an endpoint's sessions do with their messages. See the module docstring."""
+
+    name: str
+    decoder: msgspec.json.Decoder
+    hello: type
+    #: The identity a hello proves (agent id, integrator name), or None.
+    authenticate: Callable[[Any], str | None]
+    connected: Callable[[Connection, str, float], list[Effect]]
+    frame: Callable[[Connection, Any, float], list[Effect]]
+    disconnected: Callable[[Connection, float], list[Effect]]
+    #: The error frame for a message that does not decode.
+    bad_frame: Callable[[bytes, msgspec.MsgspecError], f.Outbound]
+    rate: float
+    burst: float
+    hello_timeout: float
+    #: An identity proved by the upgrade request itself, or None (then a hello is due).
+    identity_of_request: Callable[[Request], str | None] = lambda request: None
+
+
+class Session:
+    """One open WebSocket connection on an endpoint."""
+
+    __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer")
+
+    def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock) -> None:
+        self.conn = conn
+        self.endpoint = endpoint
+        self.dispatcher = dispatcher
+        self.clock = clock
+        now = clock.now()
+        self.bucket = Bucket(endpoint.rate, endpoint.burst, now)
+        self.hello_timer: Cancellable | None = None
+        assert conn.request is not None
+        self.identity = endpoint.identity_of_request(conn.request)
+        if self.identity is None:
+            self.hello_timer = clock.call_at(now + endpoint.hello_timeout * 1000.0, self._hello_timed_out)
+        else:
+            self._authenticated(self.identity, now)
+
+    def message(self, data: bytes) -> None:
+        now = self.clock.now()
+        if self.identity is None:
+            self._hello(data, now)  # one message, whatever it is: no rate to limit
+            return
+        if not self.bucket.take(now):
+            self.conn.close(*CLOSE_RATE_LIMITED)
+            return
+        endpoint = self.endpoint
+        try:
+            frame = endpoint.decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            self.dispatcher.apply([Send((self.conn,), endpoint.bad_frame(data, exc))])
+            return
+        self.dispatcher.apply(endpoint.frame(self.conn, frame, now))
+
+    def closed(self) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+        if self.identity is not None:
+            self.dispatcher.apply(self.endpoint.disconnected(self.conn, self.clock.now()))
+            log.debug("%s %s disconnected", self.endpoint.name, self.identity)
+
+    def _hello(self, data: bytes, now: float) -> None:
+        endpoint = self.endpoint
+        try:
+            hello = endpoint.decoder.decode(data)
+        except msgspec.MsgspecError:
+            hello = None
+        identity = endpoint.authenticate(hello) if type(hello) is endpoint.hello else None
+        if identity is None:
+            self.conn.close(*CLOSE_UNAUTHORIZED)
+            return
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+        self.identity = identity
+        self._authenticated(identity, now)
+
+    def _authenticated(self, identity: str, now: float) -> None:
+        self.dispatcher.apply(self.endpoint.connected(self.conn, identity, now))
+        log.debug("%s %s connected from %s", self.endpoint.name, identity, self.conn.remote_address)
+
+    def _hello_timed_out(self) -> None:
+        self.hello_timer = None
+        if self.identity is None:
+            self.conn.close(*CLOSE_UNAUTHORIZED)
+
+
+# --------------------------------------------------------------------------
+# The two endpoints
+
+
+def agent_endpoint(engine: Engine, tokens: AgentTokens, *, rate: float, burst: float,
+                   hello_timeout: float) -> Endpoint:
+    """``/agent``: a desktop session, authenticated by the agent's JWT in its hello."""
+
+    def connected(conn: Connection, agent_id: str, now: float) -> list[Effect]:
+        return engine.agent_connected(conn, agent_id, secrets.token_hex(8), now)
+
+    return Endpoint(
+        name="agent",
+        decoder=f.AGENT_DECODER,
+        hello=f.AgentHello,
+        authenticate=lambda hello: tokens.verify(hello.token),
+        connected=connected,
+        frame=engine.agent_frame,
+        disconnected=engine.agent_disconnected,
+        bad_frame=agent_bad_frame,
+        rate=rate,
+        burst=burst,
+        hello_timeout=hello_timeout,
+    )
+
+
+def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: float,
+                        hello_timeout: float) -> Endpoint:
+    """``/integrator``: an API key, on the upgrade request (Bearer) or in the hello."""
+
+    def connected(conn: Connection, integrator: str, now: float) -> list[Effect]:
+        return engine.integrator_connected(conn, integrator, now)
+
+    return Endpoint(
+        name="integrator",
+        decoder=f.INTEGRATOR_DECODER,
+        hello=f.IntegratorHello,
+        authenticate=lambda hello: keys.check(hello.api_key),
+        connected=connected,
+        frame=engine.integrator_frame,
+        disconnected=engine.integrator_disconnected,
+        bad_frame=integrator_bad_frame,
+        rate=rate,
+        burst=burst,
+        hello_timeout=hello_timeout,
+        identity_of_request=lambda request: keys.check_bearer(request.headers.get("Authorization")),
+    )
+
+
+def refuse_bad_bearer(keys: ApiKeys, request: Request) -> Response | None:
+    """401 for an upgrade request to ``/integrator`` with a wrong ``Authorization`` header."""
+    header = request.headers.get("Authorization")
+    if header is not None and keys.check_bearer(header) is None:
+        return plain(HTTPStatus.UNAUTHORIZED, f"{ErrorMessage.UNAUTHORIZED}\n",
+                     [("WWW-Authenticate", 'Bearer realm="deskpush"')])
+    return None
+
+
+def _decode_error(exc: msgspec.MsgspecError) -> str:
+    return str(exc) if isinstance(exc, msgspec.ValidationError) else f"malformed JSON: {exc}"
+
+
+def agent_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.AgentError:
+    """BadFrame for an agent frame that failed to decode, naming the field."""
+    return f.AgentError(code=AgentErrorCode.BAD_FRAME, message=_decode_error(exc))
+
+
+def integrator_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.IntegratorError:
+    """RejectAfterClientError for a frame that failed to decode.
+
+    The frame is parsed again leniently only to find its requestId and type,
+    so the integrator's pending promise can be rejected; msgspec's message
+    names the bad field (``... - at `$.input.templateName```).
+    """
+    request_id = None
+    name = MsdynName.NOTIFY_EVENT
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        rid = obj.get("requestId")
+        if isinstance(rid, str) and 0 < len(rid) <= 128:
+            request_id = rid
+        if obj.get("type") == "cancelEvent":
+            name = MsdynName.CANCEL_EVENT
+    return f.IntegratorError(
+        request_id=request_id,
+        error=f.ErrorBody(message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=name, details=_decode_error(exc)),
+    )
