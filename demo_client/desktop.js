@@ -13,6 +13,11 @@
 //
 // Everything that comes from a frame is untrusted text: it is rendered with
 // textContent and createElement only.
+//
+// Outcomes, error codes and close codes come from ./vocabulary.js, generated
+// from protocol/vocabulary.py: this file never spells them.
+
+import { AGENT_ERROR, CLOSE_CODE, OUTCOME } from "./vocabulary.js";
 
 const TOKEN_KEY = "deskpush.token";
 const ALERT_CLAIM_PREFIX = "deskpush-alert:";
@@ -25,7 +30,9 @@ const STABLE_MS = 10000; // a session that lived this long resets the backoff
 const SETTLE_MS = 400; // replay frames follow welcome at once; sweep after this at the latest
 const TOAST_MS = 3200;
 const ACTIVITY_MAX = 12;
-const CLOSE_UNAUTHORIZED = 4401;
+// The close code this tab sends when pongs stop: private use (RFC 6455
+// section 7.4.2), not one of the server's codes.
+const CLOSE_NO_PONG = 4000;
 
 const $ = (id) => document.getElementById(id);
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -84,26 +91,29 @@ function iconKind(name) {
 // ---------------------------------------------------------------------------
 // Outcomes, as the agent should read them
 
-const OUTCOMES = {
-  "Accept/Accept": { label: "Accepted", tone: "good" },
-  "Accept/AutoAccept": { label: "Auto-accepted", tone: "good" },
-  "Reject/DeclinedByAgent": { label: "Declined", tone: "neutral" },
-  "Timeout/DisplayTimeout": { label: "Timed out", tone: "warn" },
-  "Cancel/CancelledByIntegrator": { label: "Withdrawn", tone: "neutral" },
-  "Reject/AgentDisconnected": { label: "Agent disconnected", tone: "bad" },
-  "Reject/NotificationQueueLimitExceeded": { label: "Queue full", tone: "bad" },
-  "Reject/NotificationQueueTimeLimitExceeded": { label: "Waited too long in queue", tone: "warn" },
+// Keyed by the vocabulary's "actionName/responseReason" strings.
+const OUTCOME_LABELS = {
+  [OUTCOME.ACCEPTED]: { label: "Accepted", tone: "good" },
+  [OUTCOME.AUTO_ACCEPTED]: { label: "Auto-accepted", tone: "good" },
+  [OUTCOME.DECLINED]: { label: "Declined", tone: "neutral" },
+  [OUTCOME.DISPLAY_TIMEOUT]: { label: "Timed out", tone: "warn" },
+  [OUTCOME.CANCELLED]: { label: "Withdrawn", tone: "neutral" },
+  [OUTCOME.AGENT_DISCONNECTED]: { label: "Agent disconnected", tone: "bad" },
+  [OUTCOME.QUEUE_LIMIT]: { label: "Queue full", tone: "bad" },
+  [OUTCOME.QUEUE_TIME_LIMIT]: { label: "Waited too long in queue", tone: "warn" },
 };
 
 function describeOutcome(actionName, responseReason) {
-  const known = OUTCOMES[`${actionName}/${responseReason}`];
+  const known = OUTCOME_LABELS[`${actionName}/${responseReason}`];
   if (known) return known;
   return { label: `${actionName} (${responseReason})`, tone: "neutral" };
 }
 
+// What the agent reads for an `error` frame's code; other codes show the
+// server's message.
 const ERROR_TEXT = {
-  NotificationNotPending: "That offer has already ended.",
-  NotificationNotFound: "That offer is no longer available.",
+  [AGENT_ERROR.NOTIFICATION_NOT_PENDING]: "That offer has already ended.",
+  [AGENT_ERROR.UNKNOWN_NOTIFICATION]: "That offer is no longer available.",
 };
 
 // ---------------------------------------------------------------------------
@@ -279,7 +289,7 @@ function onClosed(ev) {
   state.sweepPending = false;
   if (state.welcomedAt && Date.now() - state.welcomedAt >= STABLE_MS) state.attempt = 0;
   state.welcomedAt = 0;
-  if (ev.code === CLOSE_UNAUTHORIZED) {
+  if (ev.code === CLOSE_CODE.UNAUTHORIZED) {
     // Bad or expired token: retrying cannot help.
     state.token = null;
     storeToken(null);
@@ -320,7 +330,7 @@ function useToken(token) {
   const sock = state.ws;
   state.ws = null;
   stopKeepalive();
-  if (sock) sock.close(1000, "new token");
+  if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "new token");
   connect();
 }
 
@@ -332,7 +342,7 @@ function signOut() {
   stopKeepalive();
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
-  if (sock) sock.close(1000, "signed out");
+  if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -362,8 +372,8 @@ function ping() {
     const sock = state.ws;
     if (sock) {
       state.ws = null;
-      sock.close(4000, "keepalive timeout");
-      onClosed({ code: 4000 });
+      sock.close(CLOSE_NO_PONG, "keepalive timeout");
+      onClosed({ code: CLOSE_NO_PONG });
     }
     return;
   }
