@@ -27,7 +27,6 @@ const BACKOFF_FIRST_MS = 250;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 12000;
 const STABLE_MS = 10000; // a session that lived this long resets the backoff
-const SETTLE_MS = 400; // replay frames follow welcome at once; sweep after this at the latest
 const TOAST_MS = 3200;
 const ACTIVITY_MAX = 12;
 // The close code this tab sends when pongs stop: private use (RFC 6455
@@ -156,8 +155,6 @@ const state = {
   pingTimer: null,
   pingsInFlight: [], // Date.now() of each unanswered ping, oldest first
   welcomedAt: 0,
-  sweepPending: false,
-  settleTimer: null,
   queued: 0,
 };
 
@@ -285,8 +282,6 @@ function send(frame) {
 function onClosed(ev) {
   state.ws = null;
   stopKeepalive();
-  clearTimeout(state.settleTimer);
-  state.sweepPending = false;
   if (state.welcomedAt && Date.now() - state.welcomedAt >= STABLE_MS) state.attempt = 0;
   state.welcomedAt = 0;
   if (ev.code === CLOSE_CODE.UNAUTHORIZED) {
@@ -387,16 +382,10 @@ function onFrame(frame) {
   switch (frame.type) {
     case "welcome":
       onWelcome(frame);
-      return;
+      break;
     case "notification":
       onNotification(frame);
-      return;
-    default:
       break;
-  }
-  // Any other frame means the replay that follows welcome is over.
-  sweep();
-  switch (frame.type) {
     case "resolved":
       onResolved(frame);
       break;
@@ -426,30 +415,16 @@ function onWelcome(frame) {
   $("agent-id").textContent = state.agentId;
   $("agent-avatar").textContent = initials(state.agentId);
   $("agent").hidden = false;
-  // Offers shown before a disconnect that are not replayed now ended while we
-  // were away. welcome.displayed lists what the replay will bring: sweep the
-  // rest at once. (A server without that field: mark every card, let the
-  // replay unmark them, sweep on the next other frame or after SETTLE_MS.)
-  const replayed = Array.isArray(frame.displayed) ? new Set(frame.displayed) : null;
-  for (const card of cards.values()) card.stale = replayed ? !replayed.has(card.id) : true;
-  state.sweepPending = true;
-  clearTimeout(state.settleTimer);
-  if (replayed) sweep();
-  else state.settleTimer = setTimeout(sweep, SETTLE_MS);
+  // welcome.displayed lists the offers the replay brings right after it (the
+  // server always sends it): a card not listed ended while we were away.
+  const replayed = new Set(frame.displayed);
+  for (const card of [...cards.values()]) {
+    if (replayed.has(card.id)) continue;
+    addActivity(card.frame, { label: "Ended while offline", tone: "neutral" });
+    removeCard(card.id);
+  }
   setQueued(0); // the replay says so if work is waiting
   startKeepalive(); // its first ping measures the clock at once
-}
-
-function sweep() {
-  if (!state.sweepPending) return;
-  state.sweepPending = false;
-  clearTimeout(state.settleTimer);
-  for (const card of [...cards.values()]) {
-    if (card.stale) {
-      addActivity(card.frame, { label: "Ended while offline", tone: "neutral" });
-      removeCard(card.id);
-    }
-  }
 }
 
 function onNotification(frame) {
@@ -460,7 +435,6 @@ function onNotification(frame) {
     // A replay after a reconnect: same card, nothing new to announce. If a
     // respond was sent and the connection dropped before `resolved`, the
     // server did not act on it, so the agent may answer again.
-    existing.stale = false;
     existing.frame = frame;
     existing.responded = null;
     existing.statusEl.textContent = "";
@@ -581,7 +555,6 @@ function createCard(frame) {
     statusEl: status,
     responded: null, // "Accept" | "Reject" once sent
     expired: false,
-    stale: false,
     lastText: "",
   };
   accept.addEventListener("click", () => respond(card, "Accept"));
