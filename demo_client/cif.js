@@ -16,10 +16,12 @@
 // (browsers cannot set an Authorization header on a WebSocket). Every request
 // carries a requestId; the server answers each with exactly one `result` or
 // `error` frame, and sends `status` frames (queued, displayed) in between.
+//
+// Error messages, msdyn names and close codes come from ./vocabulary.js
+// (generated from the server's protocol/vocabulary.py), which the server
+// serves beside this file: a page that loads /cif.js loads /vocabulary.js too.
 
-const CLIENT_ERROR = "RejectAfterClientError";
-const CLOSE_UNAUTHORIZED = 4401;
-const CLOSE_TOO_BIG = 1009;
+import { CLOSE_CODE, ERROR_MESSAGE, MSDYN_NAME } from "./vocabulary.js";
 
 let settings = null; // {url, apiKey, agentId}
 let conn = null; // {ws, outbox: string[], open: boolean}
@@ -48,7 +50,7 @@ function newRequestId() {
 }
 
 function clientError(msdynName, details) {
-  return { message: CLIENT_ERROR, msdyn_name: msdynName, details };
+  return { message: ERROR_MESSAGE.REJECT_AFTER_CLIENT, msdyn_name: msdynName, details };
 }
 
 function emit(name, detail) {
@@ -64,9 +66,11 @@ function emit(name, detail) {
 }
 
 function closeReason(code) {
-  if (code === CLOSE_UNAUTHORIZED) return { message: "UnauthorizedError", details: "the server rejected the API key" };
-  if (code === CLOSE_TOO_BIG) return { message: CLIENT_ERROR, details: "request too large" };
-  return { message: CLIENT_ERROR, details: "connection lost" };
+  if (code === CLOSE_CODE.UNAUTHORIZED) {
+    return { message: ERROR_MESSAGE.UNAUTHORIZED, details: "the server rejected the API key" };
+  }
+  if (code === CLOSE_CODE.MESSAGE_TOO_BIG) return { message: ERROR_MESSAGE.REJECT_AFTER_CLIENT, details: "request too large" };
+  return { message: ERROR_MESSAGE.REJECT_AFTER_CLIENT, details: "connection lost" };
 }
 
 function dropConnection(c, code) {
@@ -182,8 +186,8 @@ function configure(options = {}) {
   if (conn && settings && (next.url !== settings.url || next.apiKey !== settings.apiKey)) {
     const old = conn;
     conn = null;
-    old.ws.close(1000, "reconfigured");
-    dropConnection(old, 1000);
+    old.ws.close(CLOSE_CODE.NORMAL_CLOSURE, "reconfigured");
+    dropConnection(old, CLOSE_CODE.NORMAL_CLOSURE);
   }
   settings = next;
 }
@@ -193,7 +197,7 @@ function configure(options = {}) {
  * cancellationToken?, agentId?}; `agentId` in input overrides the configured one.
  */
 function notifyEvent(input, correlationId, cancellationToken) {
-  const name = "NotifyEvent";
+  const name = MSDYN_NAME.NOTIFY_EVENT;
   if (!input || typeof input !== "object" || Array.isArray(input)) {
     return Promise.reject(clientError(name, "input must be an object with templateName"));
   }
@@ -213,7 +217,7 @@ function notifyEvent(input, correlationId, cancellationToken) {
 
 /** CIF 2.0 cancelEvent: withdraw the notification with this cancellation token. */
 function cancelEvent(cancellationToken, correlationId) {
-  const name = "CancelEvent";
+  const name = MSDYN_NAME.CANCEL_EVENT;
   const token = optionalString(cancellationToken);
   if (!token) return Promise.reject(clientError(name, "cancellationToken is required"));
   const frame = { type: "cancelEvent", cancellationToken: token, correlationId: optionalString(correlationId) };
@@ -242,8 +246,8 @@ function disconnect() {
   if (!conn) return;
   const old = conn;
   conn = null;
-  old.ws.close(1000, "disconnect");
-  dropConnection(old, 1000);
+  old.ws.close(CLOSE_CODE.NORMAL_CLOSURE, "disconnect");
+  dropConnection(old, CLOSE_CODE.NORMAL_CLOSURE);
 }
 
 export const CIFramework = Object.freeze({

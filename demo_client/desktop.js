@@ -13,6 +13,11 @@
 //
 // Everything that comes from a frame is untrusted text: it is rendered with
 // textContent and createElement only.
+//
+// Outcomes, error codes and close codes come from ./vocabulary.js, generated
+// from protocol/vocabulary.py: this file never spells them.
+
+import { AGENT_ERROR, CLOSE_CODE, OUTCOME } from "./vocabulary.js";
 
 const TOKEN_KEY = "deskpush.token";
 const ALERT_CLAIM_PREFIX = "deskpush-alert:";
@@ -22,10 +27,11 @@ const BACKOFF_FIRST_MS = 250;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 12000;
 const STABLE_MS = 10000; // a session that lived this long resets the backoff
-const SETTLE_MS = 400; // replay frames follow welcome at once; sweep after this at the latest
 const TOAST_MS = 3200;
 const ACTIVITY_MAX = 12;
-const CLOSE_UNAUTHORIZED = 4401;
+// The close code this tab sends when pongs stop: private use (RFC 6455
+// section 7.4.2), not one of the server's codes.
+const CLOSE_NO_PONG = 4000;
 
 const $ = (id) => document.getElementById(id);
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -84,26 +90,29 @@ function iconKind(name) {
 // ---------------------------------------------------------------------------
 // Outcomes, as the agent should read them
 
-const OUTCOMES = {
-  "Accept/Accept": { label: "Accepted", tone: "good" },
-  "Accept/AutoAccept": { label: "Auto-accepted", tone: "good" },
-  "Reject/DeclinedByAgent": { label: "Declined", tone: "neutral" },
-  "Timeout/DisplayTimeout": { label: "Timed out", tone: "warn" },
-  "Cancel/CancelledByIntegrator": { label: "Withdrawn", tone: "neutral" },
-  "Reject/AgentDisconnected": { label: "Agent disconnected", tone: "bad" },
-  "Reject/NotificationQueueLimitExceeded": { label: "Queue full", tone: "bad" },
-  "Reject/NotificationQueueTimeLimitExceeded": { label: "Waited too long in queue", tone: "warn" },
+// Keyed by the vocabulary's "actionName/responseReason" strings.
+const OUTCOME_LABELS = {
+  [OUTCOME.ACCEPTED]: { label: "Accepted", tone: "good" },
+  [OUTCOME.AUTO_ACCEPTED]: { label: "Auto-accepted", tone: "good" },
+  [OUTCOME.DECLINED]: { label: "Declined", tone: "neutral" },
+  [OUTCOME.DISPLAY_TIMEOUT]: { label: "Timed out", tone: "warn" },
+  [OUTCOME.CANCELLED]: { label: "Withdrawn", tone: "neutral" },
+  [OUTCOME.AGENT_DISCONNECTED]: { label: "Agent disconnected", tone: "bad" },
+  [OUTCOME.QUEUE_LIMIT]: { label: "Queue full", tone: "bad" },
+  [OUTCOME.QUEUE_TIME_LIMIT]: { label: "Waited too long in queue", tone: "warn" },
 };
 
 function describeOutcome(actionName, responseReason) {
-  const known = OUTCOMES[`${actionName}/${responseReason}`];
+  const known = OUTCOME_LABELS[`${actionName}/${responseReason}`];
   if (known) return known;
   return { label: `${actionName} (${responseReason})`, tone: "neutral" };
 }
 
+// What the agent reads for an `error` frame's code; other codes show the
+// server's message.
 const ERROR_TEXT = {
-  NotificationNotPending: "That offer has already ended.",
-  NotificationNotFound: "That offer is no longer available.",
+  [AGENT_ERROR.NOTIFICATION_NOT_PENDING]: "That offer has already ended.",
+  [AGENT_ERROR.UNKNOWN_NOTIFICATION]: "That offer is no longer available.",
 };
 
 // ---------------------------------------------------------------------------
@@ -146,8 +155,6 @@ const state = {
   pingTimer: null,
   pingsInFlight: [], // Date.now() of each unanswered ping, oldest first
   welcomedAt: 0,
-  sweepPending: false,
-  settleTimer: null,
   queued: 0,
 };
 
@@ -275,11 +282,9 @@ function send(frame) {
 function onClosed(ev) {
   state.ws = null;
   stopKeepalive();
-  clearTimeout(state.settleTimer);
-  state.sweepPending = false;
   if (state.welcomedAt && Date.now() - state.welcomedAt >= STABLE_MS) state.attempt = 0;
   state.welcomedAt = 0;
-  if (ev.code === CLOSE_UNAUTHORIZED) {
+  if (ev.code === CLOSE_CODE.UNAUTHORIZED) {
     // Bad or expired token: retrying cannot help.
     state.token = null;
     storeToken(null);
@@ -320,7 +325,7 @@ function useToken(token) {
   const sock = state.ws;
   state.ws = null;
   stopKeepalive();
-  if (sock) sock.close(1000, "new token");
+  if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "new token");
   connect();
 }
 
@@ -332,7 +337,7 @@ function signOut() {
   stopKeepalive();
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
-  if (sock) sock.close(1000, "signed out");
+  if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -362,8 +367,8 @@ function ping() {
     const sock = state.ws;
     if (sock) {
       state.ws = null;
-      sock.close(4000, "keepalive timeout");
-      onClosed({ code: 4000 });
+      sock.close(CLOSE_NO_PONG, "keepalive timeout");
+      onClosed({ code: CLOSE_NO_PONG });
     }
     return;
   }
@@ -377,16 +382,10 @@ function onFrame(frame) {
   switch (frame.type) {
     case "welcome":
       onWelcome(frame);
-      return;
+      break;
     case "notification":
       onNotification(frame);
-      return;
-    default:
       break;
-  }
-  // Any other frame means the replay that follows welcome is over.
-  sweep();
-  switch (frame.type) {
     case "resolved":
       onResolved(frame);
       break;
@@ -416,30 +415,16 @@ function onWelcome(frame) {
   $("agent-id").textContent = state.agentId;
   $("agent-avatar").textContent = initials(state.agentId);
   $("agent").hidden = false;
-  // Offers shown before a disconnect that are not replayed now ended while we
-  // were away. welcome.displayed lists what the replay will bring: sweep the
-  // rest at once. (A server without that field: mark every card, let the
-  // replay unmark them, sweep on the next other frame or after SETTLE_MS.)
-  const replayed = Array.isArray(frame.displayed) ? new Set(frame.displayed) : null;
-  for (const card of cards.values()) card.stale = replayed ? !replayed.has(card.id) : true;
-  state.sweepPending = true;
-  clearTimeout(state.settleTimer);
-  if (replayed) sweep();
-  else state.settleTimer = setTimeout(sweep, SETTLE_MS);
+  // welcome.displayed lists the offers the replay brings right after it (the
+  // server always sends it): a card not listed ended while we were away.
+  const replayed = new Set(frame.displayed);
+  for (const card of [...cards.values()]) {
+    if (replayed.has(card.id)) continue;
+    addActivity(card.frame, { label: "Ended while offline", tone: "neutral" });
+    removeCard(card.id);
+  }
   setQueued(0); // the replay says so if work is waiting
   startKeepalive(); // its first ping measures the clock at once
-}
-
-function sweep() {
-  if (!state.sweepPending) return;
-  state.sweepPending = false;
-  clearTimeout(state.settleTimer);
-  for (const card of [...cards.values()]) {
-    if (card.stale) {
-      addActivity(card.frame, { label: "Ended while offline", tone: "neutral" });
-      removeCard(card.id);
-    }
-  }
 }
 
 function onNotification(frame) {
@@ -450,7 +435,6 @@ function onNotification(frame) {
     // A replay after a reconnect: same card, nothing new to announce. If a
     // respond was sent and the connection dropped before `resolved`, the
     // server did not act on it, so the agent may answer again.
-    existing.stale = false;
     existing.frame = frame;
     existing.responded = null;
     existing.statusEl.textContent = "";
@@ -571,7 +555,6 @@ function createCard(frame) {
     statusEl: status,
     responded: null, // "Accept" | "Reject" once sent
     expired: false,
-    stale: false,
     lastText: "",
   };
   accept.addEventListener("click", () => respond(card, "Accept"));

@@ -2,6 +2,7 @@
 // integration would (Microsoft.CIFramework.notifyEvent / cancelEvent).
 
 import { CIFramework } from "./cif.js";
+import { OUTCOME } from "./vocabulary.js";
 
 const KEY_STORAGE = "deskpush.apiKey";
 const $ = (id) => document.getElementById(id);
@@ -125,12 +126,13 @@ function readParams() {
 // ---------------------------------------------------------------------------
 // The log of offers
 
+// Keyed by the vocabulary's "actionName/responseReason" strings; other outcomes are "bad".
 const OUTCOME_TONE = {
-  "Accept/Accept": "good",
-  "Accept/AutoAccept": "good",
-  "Reject/DeclinedByAgent": "neutral",
-  "Timeout/DisplayTimeout": "warn",
-  "Cancel/CancelledByIntegrator": "neutral",
+  [OUTCOME.ACCEPTED]: "good",
+  [OUTCOME.AUTO_ACCEPTED]: "good",
+  [OUTCOME.DECLINED]: "neutral",
+  [OUTCOME.DISPLAY_TIMEOUT]: "warn",
+  [OUTCOME.CANCELLED]: "neutral",
 };
 
 const rows = new Map(); // cancellationToken -> row refs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from deskpush.protocol import Limits
+from deskpush.protocol import AgentErrorCode, Limits
 from deskpush.protocol.templates import FieldTemplate, Template
 from deskpush.server import Config, DeskpushServer
 from deskpush.server.config import ServerSection
@@ -277,6 +278,50 @@ async def test_countdown_reaches_zero_and_times_out(browser: Any) -> None:
             routes[-1].send(message)
         await expect(c).to_have_count(0)
         await expect(page.locator(".activity-item").first).to_contain_text("Timed out")
+        await ig.ws.close()
+        assert page.errors == []
+
+
+async def test_answer_to_a_forgotten_offer_says_so(browser: Any) -> None:
+    """The server no longer knows an offer the desktop still shows: the agent reads why, in words.
+
+    With ``limits.recentOutcomes = 0`` the server forgets an offer the moment
+    it ends. Its ``resolved`` is dropped on the way, so the card stays; the
+    integrator cancels it; Accept then gets ``UnknownNotification``, and the
+    desktop shows its own text for that code rather than the server's message.
+    """
+    async with DeskpushServer(config_with(recent_outcomes=0), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        page = await browser.new_page()
+        watch(page)
+        errors: list[dict[str, Any]] = []
+
+        def route(ws_route: Any) -> None:
+            upstream = ws_route.connect_to_server()
+
+            def from_server(message: str | bytes) -> None:
+                frame = json.loads(message)
+                if frame["type"] == "error":
+                    errors.append(frame)
+                if frame["type"] != "resolved":
+                    ws_route.send(message)
+
+            upstream.on_message(from_server)
+
+        await page.route_web_socket("**/agent", route)
+        await page.goto(f"http://127.0.0.1:{srv.port}/#token={srv.tokens.issue('agent-7')}")
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+
+        ig = Integrator(await open_integrator(srv))
+        rid = await ig.notify("agent-7", token="ct-forgotten")
+        c = card(page, await ig.displayed(rid))
+        await expect(c).to_be_visible()
+        cancelled = {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}
+        assert await ig.result(await ig.cancel("ct-forgotten")) == {"cancellationToken": "ct-forgotten", **cancelled}
+        assert await ig.result(rid) == cancelled
+
+        await c.get_by_role("button", name="Accept: New chat request").click()
+        await expect(page.locator(".toast")).to_have_text("That offer is no longer available.")
+        assert [e["code"] for e in errors] == [AgentErrorCode.UNKNOWN_NOTIFICATION]
         await ig.ws.close()
         assert page.errors == []
 

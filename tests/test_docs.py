@@ -4,11 +4,13 @@ The code is the authority: these tests fail when a frame, field, outcome, error,
 config key or template is added or renamed without docs/protocol.md,
 docs/configuration.md and deskpush.example.toml following, and when an example
 frame in docs/protocol.md no longer decodes the way the server decodes it.
+Outcomes, error codes and messages and close codes are those of
+protocol/vocabulary.py, compared both ways with the tables of protocol.md.
 """
 
 from __future__ import annotations
 
-import ast
+import itertools
 import json
 import re
 import typing
@@ -18,9 +20,9 @@ import msgspec
 import pytest
 
 from deskpush.protocol import BUILTIN_TEMPLATES, FieldTemplate, Limits, Template
-from deskpush.protocol import engine
 from deskpush.protocol import frames as f
-from deskpush.server import app, config
+from deskpush.protocol import vocabulary as v
+from deskpush.server import config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_MD = ROOT / "docs" / "protocol.md"
@@ -137,6 +139,35 @@ def table_rows(text: str, key: str) -> list[str]:
     """Table rows whose first cell is `key` (or `parent.key`, `parent[].key`)."""
     pattern = re.compile(r"^\|\s*`(?:[\w\[\].]*\.)?" + re.escape(key) + r"`\s*\|")
     return [line for line in text.splitlines() if pattern.match(line)]
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a table row: split on unescaped pipes (GitHub's rule, code spans too)."""
+    cells = re.split(r"(?<!\\)\|", line.strip().removeprefix("|").removesuffix("|"))
+    return [c.strip() for c in cells]
+
+
+def markdown_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first table under ``heading`` (its title, without #), keyed by the header cells."""
+    bodies = [body for path, body in sections(text) if path and path[-1] == heading]
+    assert len(bodies) == 1, f"expected one section titled {heading!r} in {PROTOCOL_MD.name}, found {len(bodies)}"
+    lines = bodies[0].splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    assert start is not None, f"no table under {heading!r}"
+    header = _cells(lines[start])
+    assert set(lines[start + 1].replace("|", "").strip()) <= set("-: "), f"{heading}: no separator row"
+    rows = []
+    for line in itertools.takewhile(lambda x: x.startswith("|"), lines[start + 2:]):
+        cells = _cells(line)
+        assert len(cells) == len(header), f"{heading}: {len(cells)} cells, not {len(header)}: {line}"
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def code_span(cell: str) -> str | None:
+    """``x`` for a cell that is one code span `x`, else None."""
+    m = re.fullmatch(r"`([^`]+)`", cell)
+    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------------------
@@ -290,81 +321,61 @@ def test_each_frame_has_a_section_with_a_field_table(endpoint, direction, struct
 
 
 # ---------------------------------------------------------------------------
-# (c) outcomes and error strings
+# (c) outcomes, error codes and messages, close codes: protocol/vocabulary.py
 
 
-def test_every_outcome_is_in_the_outcomes_table():
-    text = read(PROTOCOL_MD)
-    outcomes = [v for v in vars(engine).values() if isinstance(v, engine.Outcome)]
-    assert len(outcomes) == 8
-    for o in outcomes:
-        row = f"| `{o.action_name}` | `{o.response_reason}` |"
-        assert row in text, f"outcome {o} missing from the outcomes table"
+def _both_ways(documented: list[str], defined: set[str], what: str, table: str, once: bool = True) -> None:
+    """Every name ``defined`` has a row in ``table`` and every row a defined name (``once``: one row each)."""
+    problems = []
+    if missing := sorted(defined - set(documented)):
+        problems.append(f"{what} of protocol/vocabulary.py without a row in {table}: {missing}; add the rows")
+    if unknown := sorted(set(documented) - defined):
+        problems.append(f"rows of {table} that are no {what} of protocol/vocabulary.py: {unknown}; remove them, "
+                        "or define the names in the vocabulary (then run `make vocabulary`)")
+    assert not problems, "\n".join(problems)
+    twice = sorted({x for x in documented if documented.count(x) > 1})
+    assert not (once and twice), f"{what} with more than one row in {table}: {twice}"
 
 
-_CALLS = {"_notify_error", "_cancel_error", "ErrorBody", "AgentError", "IntegratorError", "close", "_plain"}
+def test_outcomes_table_is_the_vocabulary():
+    rows = markdown_table(read(PROTOCOL_MD), "Outcomes")
+    documented = [f"{code_span(r['`actionName`'])}/{code_span(r['`responseReason`'])}" for r in rows]
+    _both_ways(documented, {str(o) for o in v.OUTCOMES.values()}, "outcomes", "the Outcomes table")
 
 
-def _strings(node: ast.AST) -> list[str]:
-    out = []
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-            out.append(sub.value)
-    return out
+def test_agent_error_codes_table_is_the_vocabulary():
+    rows = markdown_table(read(PROTOCOL_MD), "Agent error codes")
+    documented = [str(code_span(r["`code`"])) for r in rows]
+    _both_ways(documented, {c.value for c in v.AgentErrorCode}, "agent error codes", "the Agent error codes table")
 
 
-def error_strings() -> set[str]:
-    """Every string the engine and the server put in an error, a close reason or an error code."""
-    found: set[str] = set()
-    for module in (engine, app):
-        tree = ast.parse(Path(module.__file__).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
-                func = node.func
-                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-                if name in _CALLS:
-                    for arg in [*node.args, *(k.value for k in node.keywords)]:
-                        if isinstance(arg, ast.Call):
-                            continue  # visited on its own
-                        found.update(_strings(arg))
-            elif isinstance(node, ast.Assign):
-                targets = [t for tgt in node.targets
-                           for t in (tgt.elts if isinstance(tgt, ast.Tuple) else [tgt])]
-                if any(isinstance(t, ast.Name) and t.id in {"code", "msg", "details"} for t in targets):
-                    found.update(_strings(node.value))
-    cleaned = {s.strip() for s in found}
-    return {s for s in cleaned if len(s) > 3}
+def test_error_messages_table_is_the_vocabulary():
+    rows = markdown_table(read(PROTOCOL_MD), "Error messages")
+    table = "the Error messages table"
+    # A message may have several rows, one per cause.
+    messages = [str(code_span(r["`message`"])) for r in rows]
+    _both_ways(messages, {m.value for m in v.ErrorMessage}, "error messages", table, once=False)
+    # Each row names the calls it fails: "NotifyEvent", "NotifyEvent or CancelEvent".
+    named: list[str] = []
+    for message, row in zip(messages, rows):
+        names = [n.strip().strip("`") for n in re.split(r",|\bor\b", row["`msdyn_name`"]) if n.strip()]
+        # UNAUTHORIZED is no error frame (it is the body of an HTTP 401): it has no msdyn_name.
+        assert names or message == v.ErrorMessage.UNAUTHORIZED, f"{table}: the row of {message} names no msdyn_name"
+        named.extend(names)
+    _both_ways(named, {m.value for m in v.MsdynName}, "msdyn names", f"the msdyn_name column of {table}", once=False)
 
 
-def test_error_strings_are_collected():
-    strings = error_strings()
-    for expected in ("NotificationTemplateNotFoundError", "RejectAfterClientError", "AgentNotConnectedError",
-                     "CancellationTokenInUseError", "CancellationTokenNotFoundError", "UnauthorizedError",
-                     "BadFrame", "NotificationNotPending", "NotificationNotDisplayed", "UnknownNotification",
-                     "AlreadyAuthenticated", "unauthorized", "rate limit exceeded"):
-        assert expected in strings
-
-
-def test_every_error_string_is_in_protocol_md():
-    text = read(PROTOCOL_MD)
-    missing = sorted(s for s in error_strings() if s not in text)
-    assert not missing, f"error strings of the code missing from protocol.md: {missing}"
-
-
-def test_agent_error_codes_and_integrator_messages_have_rows():
-    text = read(PROTOCOL_MD)
-    for code in ("BadFrame", "NotificationNotPending", "NotificationNotDisplayed", "UnknownNotification",
-                 "AlreadyAuthenticated"):
-        assert f"| `{code}` |" in text, code
-    for message in ("NotificationTemplateNotFoundError", "RejectAfterClientError", "AgentNotConnectedError",
-                    "CancellationTokenInUseError", "CancellationTokenNotFoundError", "UnauthorizedError"):
-        assert f"| `{message}` |" in text, message
-
-
-def test_close_codes_table():
-    text = read(PROTOCOL_MD)
-    for code in (1000, 1001, app.CLOSE_RATE_LIMITED, 1009, 1011, app.CLOSE_UNAUTHORIZED, 1006):
-        assert f"| {code} |" in text, code
+def test_close_codes_table_is_the_vocabulary():
+    rows = markdown_table(read(PROTOCOL_MD), "Close codes")
+    by_code: dict[int, dict[str, str]] = {}
+    for row in rows:
+        assert row["Code"].isdigit(), f"Close codes table: {row['Code']!r} is not a code"
+        by_code[int(row["Code"])] = row
+    _both_ways([r["Code"] for r in rows], {str(int(c)) for c in v.CloseCode}, "close codes", "the Close codes table")
+    for name, closing in v.CLOSINGS.items():
+        row = " | ".join(by_code[closing.code].values())
+        assert f"`{closing.reason}`" in row, (
+            f"{name}: the row of {int(closing.code)} must give its reason as `{closing.reason}`")
 
 
 # ---------------------------------------------------------------------------
