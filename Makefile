@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: serve test chromium bench clean vocabulary
+.PHONY: serve test test-oldest chromium bench clean vocabulary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,19 @@ serve: $(STAMP)
 	$(VENV)/bin/deskpush serve $(ARGS)
 
 test: $(STAMP) chromium
+	$(PY) -c 'import websockets; print("websockets", websockets.__version__)'
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite again on the oldest websockets pyproject.toml allows, in a
+# venv of its own (`make test` gets the newest). CI runs both.
+OLDEST_VENV := .venv-oldest
+WEBSOCKETS_OLDEST = $(shell sed -n 's/.*"websockets>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+
+test-oldest: chromium
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 'websockets==$(WEBSOCKETS_OLDEST)'
+	$(OLDEST_VENV)/bin/python -c 'import websockets; print("websockets", websockets.__version__)'
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Playwright's own browser download cannot work here; the tests drive Debian's.
 chromium:
@@ -42,4 +54,4 @@ vocabulary: $(STAMP)
 	$(PY) -c 'from deskpush.protocol.vocabulary import javascript_module as m; print(m(), end="")' > demo_client/vocabulary.js
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .hypothesis *.egg-info

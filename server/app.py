@@ -131,6 +131,11 @@ class DeskpushServer:
         return self._clock.now()
 
     @property
+    def connections(self) -> frozenset[Connection]:
+        """Every client connection now open, in its handshake or closing."""
+        return frozenset(self._connections)
+
+    @property
     def dispatcher(self) -> Dispatcher:
         """What applies the engine's effects and runs its timer (once started)."""
         assert self._dispatcher is not None, "start() first"

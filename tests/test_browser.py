@@ -481,8 +481,9 @@ async def test_replay_after_reconnect_keeps_one_card(browser: Any, server: Deskp
     await expect(card(page, nid)).to_be_visible()
     before = await card(page, nid).locator(".countdown").text_content()
     # Drop every agent session from the server side (as a proxy would).
-    for conn in list(server.engine._sessions):  # noqa: SLF001 - test-only reach into the engine
-        conn.transport.abort()
+    for conn in server.connections:
+        if conn.request is not None and conn.request.path == "/agent":
+            conn.abort()
     await expect(page.locator("#status")).not_to_have_attribute("data-state", "connected")
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=10000 * UNIT)
     await expect(card(page, nid)).to_have_count(1)

@@ -265,18 +265,22 @@ def test_configuration_md_env_vars():
         assert f"`{var}`" in text, var
 
 
-def test_configuration_md_cli_options():
-    from deskpush.server.cli import build_parser
+def test_configuration_md_cli_options(capsys):
+    from deskpush.server.cli import main
 
     text = read(CONFIGURATION_MD)
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
-    for command, p in sub.choices.items():
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert commands == ["serve", "token", "notify"]
+    for command in commands:
         assert f"### deskpush {command}" in text, command
-        for action in p._actions:
-            for opt in action.option_strings:
-                if opt.startswith("--") and opt != "--help":
-                    assert f"`{opt}" in text, (command, opt)
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out)) - {"--help"}
+        assert options, command
+        for opt in options:
+            assert f"`{opt}" in text, (command, opt)
 
 
 # ---------------------------------------------------------------------------

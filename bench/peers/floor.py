@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import inspect
 import time
 import uuid
 
@@ -71,8 +72,15 @@ offers: dict[str, Offer] = {}
 tokens: dict[str, Offer] = {}
 
 
-def send(conn, frame: dict) -> None:
-    broadcast((conn,), encode(frame), text=True)
+if "text" in inspect.signature(broadcast).parameters:  # websockets 16.1 and later
+
+    def send(conn, frame: dict) -> None:
+        broadcast((conn,), encode(frame), text=True)
+
+else:  # the oldest websockets deskpush supports, for its CI run there: str, not bytes
+
+    def send(conn, frame: dict) -> None:
+        broadcast((conn,), encode(frame).decode())
 
 
 def end(offer: Offer, action: str, reason: str) -> None:
