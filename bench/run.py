@@ -3,6 +3,7 @@
     python -m bench.run                  # everything, 3 runs (about 7 minutes on 2 cores)
     python -m bench.run --quick          # tiny counts, 1 run: a smoke run (under a minute)
     python -m bench.run --only offer --runs 5 --servers deskpush,floor
+    python -m bench.run --baseline HEAD~3    # also deskpush as of an earlier commit, side by side
 
 Each server under test runs as its own process on 127.0.0.1 (a free port) and is
 driven by a load generator in another process (bench/gen.js, Node.js with ``ws``
@@ -118,6 +119,49 @@ class BenchError(Exception):
 
 
 # ---------------------------------------------------------------------------
+# An earlier commit of deskpush, run side by side (--baseline REF)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    ref: str
+    path: Path  # what goes first on sys.path
+    module: str  # what runs as "python -m MODULE serve ..."
+
+
+BASELINE: Baseline | None = None
+# Runs MODULE from the baseline tree: the editable install's finder (which
+# maps deskpush to this checkout) is dropped first.
+BASELINE_BOOT = (
+    "import runpy, sys; path, module = sys.argv[1:3]; sys.argv = [module, *sys.argv[3:]]; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    "sys.path.insert(0, path); runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def checkout_baseline(ref: str, tmp: Path) -> Baseline:
+    """``ref``'s tree in ``tmp``, runnable with this venv's packages.
+
+    Before deskpush had one import name its folders were top-level packages
+    (``python -m server``); after, a directory of links stands in for the
+    installed ``deskpush`` package.
+    """
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tree = tmp / f"baseline-{sha}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    if '"deskpush.server" = "server"' not in (tree / "pyproject.toml").read_text():
+        return Baseline(sha, tree, "server")
+    links = tree / "_import" / "deskpush"
+    links.mkdir(parents=True)
+    for name, folder in (("protocol", "protocol"), ("server", "server"), ("client", "demo_client")):
+        (links / name).symlink_to(tree / folder)
+    return Baseline(sha, links.parent, "deskpush.server")
+
+
+# ---------------------------------------------------------------------------
 # Processes
 
 def raise_nofile(need: int) -> None:
@@ -206,10 +250,15 @@ class Running:
         self.log = tmp / f"{server.name}-{workload}.log"
         env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
         py = sys.executable
-        if server.name.startswith("deskpush"):
+        if server.name.startswith("deskpush") or server.name == "baseline":
             cfg = tmp / f"deskpush-{workload}.toml"
             deskpush_config(cfg, workload)
-            cmd = [py, "-m", "deskpush.server", "serve", "--config", str(cfg), "--port", str(self.port), "--log-level", server.log_level]
+            args = ["serve", "--config", str(cfg), "--port", str(self.port), "--log-level", server.log_level]
+            if server.name == "baseline":
+                assert BASELINE is not None
+                cmd = [py, "-c", BASELINE_BOOT, str(BASELINE.path), BASELINE.module, *args]
+            else:
+                cmd = [py, "-m", "deskpush.server", *args]
         elif server.name == "floor":
             cmd = [py, str(BENCH / "peers" / "floor.py"), "--port", str(self.port)]
         elif server.name == "socketio":
@@ -398,7 +447,7 @@ def verdict(results: list[dict], workload: str, key: str, target: dict | None, s
 
 
 def table(results: list[dict], servers: list[str], workloads: list[str]) -> str:
-    peers = [p for p in PEERS if p in servers and "deskpush" in servers]
+    peers = [p for p in ["baseline", *PEERS] if p in servers and "deskpush" in servers]
     head = ["figure"] + [BY_NAME[s].title for s in servers] + [f"deskpush ÷ {BY_NAME[p].title}" for p in peers]
     # How far the stack itself is from Node: the limit of what any Python server here can reach.
     floor_node = "floor" in servers and "socketio" in servers
@@ -537,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", choices=["node", "python"], default="node",
                    help="load generator; python covers only the offer workload on deskpush and the floor")
     p.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="markdown file to write ('-' for none)")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also run deskpush as of git commit REF (e.g. HEAD~5), with a 'deskpush ÷ REF' column")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record the Python servers with py-spy (collapsed stacks, DIR/SERVER-WORKLOAD.txt); "
                         "its CPU figures then include the sampling's cost")
@@ -550,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown server {', '.join(unknown)}")
     servers = [s.name for s in SERVERS if s.name in servers]  # table order
+    if args.baseline:
+        servers.insert(servers.index("deskpush") + 1 if "deskpush" in servers else 0, "baseline")
+        BY_NAME["baseline"] = Server("baseline", f"deskpush {args.baseline}", "raw", tuple(WORKLOADS))
     if args.gen == "python" and (set(workloads) != {"offer"} or any(BY_NAME[s].proto != "raw" for s in servers)):
         p.error("--gen python covers only --only offer with --servers deskpush,deskpush-progress,floor")
 
@@ -559,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         ensure_pysio("pysio" in servers)
         if args.profile and not py_spy():
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+        if args.baseline:
+            global BASELINE
+            BASELINE = checkout_baseline(args.baseline, Path(tempfile.mkdtemp(prefix="deskpush-baseline-")))
         load0, t0 = os.getloadavg()[0], time.monotonic()
         results, problems = run_all(args.gen, sizes, runs, workloads, servers, args.profile)
         elapsed, load1 = time.monotonic() - t0, os.getloadavg()[0]
@@ -629,6 +686,7 @@ def write_results(path: Path, text: str, args: argparse.Namespace, sizes: dict, 
     cmd += "".join(f" --only {w}" for w in (args.only or []))
     cmd += f" --servers {args.servers}" if args.servers != DEFAULT_SERVERS else ""
     cmd += " --gen python" if args.gen == "python" else ""
+    cmd += f" --baseline {args.baseline}" if args.baseline else ""
     lines = [
         "# deskpush benchmark results",
         "",
