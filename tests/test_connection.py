@@ -313,3 +313,56 @@ async def test_a_client_gone_mid_frame_is_just_disconnected(server, caplog):
         while server.engine.statistics()["agentSessions"]:
             await asyncio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_that_stops_answering_pings_is_closed_1011():
+    """The server pings every pingInterval; no pong within pingTimeout: 1011, and its session ends."""
+    config = Config(server=ServerSection(host="127.0.0.1", port=0, ping_interval=0.2, ping_timeout=0.2))
+    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        answering, _ = await open_agent(srv, "answering")  # websockets' client answers pings itself
+        client, reader, writer = await _raw_agent(srv)  # a raw one does not
+        got = []
+        async with asyncio.timeout(5 * UNIT):
+            while not any(e.opcode is Opcode.CLOSE for e in got):
+                client.receive_data(await reader.read(65536))
+                got += client.events_received()
+        assert any(e.opcode is Opcode.PING for e in got)
+        (close,) = [e for e in got if e.opcode is Opcode.CLOSE]
+        assert close.data == (1011).to_bytes(2, "big") + b"keepalive ping timeout"
+        writer.close()
+        await asyncio.sleep(0.6)  # three more intervals: the answering client stays
+        await send_json(answering, {"type": "ping"})
+        assert (await recv_json(answering))["type"] == "pong"
+        assert srv.engine.statistics()["agentSessions"] == 1
+
+
+async def test_a_connection_that_sends_no_request_is_dropped():
+    config = Config(server=ServerSection(host="127.0.0.1", port=0, hello_timeout=0.3))
+    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /agent HTTP/1.1\r\nHost: x\r\n")  # never finished
+        async with asyncio.timeout(5 * UNIT):
+            assert await reader.read() == b""  # closed by the server
+        writer.close()
+
+
+async def test_a_request_split_anywhere_is_answered(server):
+    client, request = _client_bytes(server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for i in range(len(request)):
+        writer.write(request[i:i + 1])
+        await writer.drain()
+    while client.state is not client.state.OPEN:
+        client.receive_data(await reader.read(65536))
+    (response,) = client.events_received()
+    assert response.status_code == 101 and response.headers["Server"] == "deskpush"
+    await _goodbye(reader, writer)
+
+
+async def test_a_request_head_too_large_gets_431(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /agent HTTP/1.1\r\n" + b"X-Pad: " + b"x" * 70_000)
+    async with asyncio.timeout(5 * UNIT):
+        answer = await reader.read()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    writer.close()
