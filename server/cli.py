@@ -44,99 +44,99 @@ def _run(main: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import anyio
-
-    from .app import DeskpushServer
-    from .auth import AgentTokens
-
     config = _load(args.config)
     if args.host or args.port is not None:
         server = config.server
-        import msgspec
-
-        config = msgspec.structs.replace(
-            config,
-            server=msgspec.structs.replace(
-                server, host=args.host or server.host, port=server.port if args.port is None else args.port
-            ),
-        )
+        config = msgspec.structs.replace(config, server=msgspec.structs.replace(
+            server, host=args.host or server.host, port=server.port if args.port is None else args.port))
     secret = config.jwt_secret()
-    ephemeral = secret is None
-    if ephemeral:
-        secret = ephemeral_secret()
     keys = config.api_keys()
-    generated_key = None
-    if not keys:
-        generated_key = ephemeral_secret()
-        keys = {"default": generated_key}
+    generated_key = None if keys else ephemeral_secret()
     handler = logs.setup(args.log_level)
-    log = logging.getLogger("deskpush")
-
-    async def main() -> None:
-        srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
-        try:
-            await srv.start()
-        except OSError as exc:
-            print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
-                  file=sys.stderr)
-            raise SystemExit(1) from None
-        host = config.server.host
-        shown = f"[{host}]" if ":" in host else host
-        http = f"http://{shown}:{srv.port}"
-        ws = f"ws://{shown}:{srv.port}"
-        agent = args.agent
-        token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
-        lines = [
-            f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
-            f"  health:            {http}/healthz",
-        ]
-        if config.server.demo:
-            lines.append(f"  agent desktop:     {http}/#token={token}")
-        lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
-        if generated_key:
-            lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
-            key_shown = generated_key
-        else:
-            lines.append(f"  integrator keys:   {', '.join(keys)} (from the config or {API_KEY_ENV})")
-            key_shown = "<your key>"
-        if config.server.demo:
-            lines.append(f"  integrator page:   {http}/integrator.html#apiKey={key_shown}&agentId={agent}")
-        lines.append(
-            f"  try:  deskpush notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
-            f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
-        )
-        if ephemeral:
-            lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
-        print("\n".join(lines), flush=True)
-        # What exists now (templates, config, imported modules) lives as long as
-        # the process: keep it out of every later garbage collection.
-        gc.collect()
-        gc.freeze()
-        # The engine frees its objects by reference counting; what needs the
-        # cycle collector is mostly closed connections. A full collection walks
-        # every live object (100 ms and more with thousands of sessions and
-        # offers) and stalls every timer meanwhile: run it 10x less often.
-        gc.set_threshold(700, 10, 100)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with anyio.create_task_group() as tg:
-
-                async def wait_signal() -> None:
-                    async for signum in signals:
-                        log.info("received %s, shutting down", signal.Signals(signum).name)
-                        break
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(wait_signal)
-                tg.start_soon(srv.serve_forever)
-            with anyio.CancelScope(shield=True):
-                await srv.close()
-        log.info("stopped")
-
     try:
-        _run(main)
+        _run(functools.partial(_serve, config, secret or ephemeral_secret(), keys or {"default": generated_key},
+                               banner=functools.partial(_banner, config, args.agent, ephemeral=secret is None,
+                                                        generated_key=generated_key)))
     finally:
         handler.flush()
     return 0
+
+
+async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Callable[[int, str], str]) -> None:
+    """Run a server until SIGINT or SIGTERM, then close it: its connections, its state file."""
+    import anyio
+
+    from .app import DeskpushServer
+
+    log = logging.getLogger("deskpush")
+    srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
+    try:
+        await srv.start()
+    except OSError as exc:
+        print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    print(banner(srv.port, secret), flush=True)
+    _tune_gc()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def wait_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    break
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_signal)
+            tg.start_soon(srv.serve_forever)
+        with anyio.CancelScope(shield=True):
+            await srv.close()
+    log.info("stopped")
+
+
+def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bool, generated_key: str | None) -> str:
+    """What ``deskpush serve`` prints once listening: where to connect, and with what."""
+    from .auth import AgentTokens
+
+    host = config.server.host
+    shown = f"[{host}]" if ":" in host else host
+    http = f"http://{shown}:{port}"
+    ws = f"ws://{shown}:{port}"
+    token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+    lines = [
+        f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
+        f"  health:            {http}/healthz",
+    ]
+    if config.server.demo:
+        lines.append(f"  agent desktop:     {http}/#token={token}")
+    lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+    if generated_key:
+        lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
+        key_shown = generated_key
+    else:
+        lines.append(f"  integrator keys:   {', '.join(config.api_keys())} (from the config or {API_KEY_ENV})")
+        key_shown = "<your key>"
+    if config.server.demo:
+        lines.append(f"  integrator page:   {http}/integrator.html#apiKey={key_shown}&agentId={agent}")
+    lines.append(
+        f"  try:  deskpush notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
+        f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
+    )
+    if ephemeral:
+        lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
+    return "\n".join(lines)
+
+
+def _tune_gc() -> None:
+    # What exists now (templates, config, imported modules) lives as long as
+    # the process: keep it out of every later garbage collection.
+    gc.collect()
+    gc.freeze()
+    # The engine frees its objects by reference counting; what needs the
+    # cycle collector is mostly closed connections. A full collection walks
+    # every live object and, with thousands of sessions and offers, stalls
+    # every timer meanwhile (bench/RESULTS.md): run it 10x less often.
+    gc.set_threshold(700, 10, 100)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -185,15 +185,8 @@ async def _notify_main(args: argparse.Namespace) -> int:
         cancel_error: CIFError | None = None
         try:
             if cancel_after is not None:
-                done, _ = await asyncio.wait({notify}, timeout=max(0.0, cancel_after))
-                if not done:
-                    print(f"cancelEvent: cancellationToken={token} after {cancel_after:g} s", file=err, flush=True)
-                    try:
-                        cancel_value = await ig.cancel_event(token, args.correlation_id)
-                    except CIFError as exc:
-                        cancel_error = exc
-                elif notify.exception() is None:
-                    print(f"the notification ended before {cancel_after:g} s; no cancelEvent sent", file=err)
+                cancel_value, cancel_error = await _cancel_if_pending(ig, notify, token, cancel_after,
+                                                                      args.correlation_id)
             value = await notify
         finally:
             if not notify.done():
@@ -207,6 +200,22 @@ async def _notify_main(args: argparse.Namespace) -> int:
         raise cancel_error
     sys.stdout.flush()
     return 0
+
+
+async def _cancel_if_pending(
+    ig: Integrator, notify: asyncio.Future[dict[str, Any]], token: str, after: float, correlation_id: str | None,
+) -> tuple[dict[str, Any] | None, CIFError | None]:
+    """After ``after`` seconds, cancelEvent ``token`` unless ``notify`` ended: its value, or its error."""
+    done, _ = await asyncio.wait({notify}, timeout=max(0.0, after))
+    if done:
+        if notify.exception() is None:
+            print(f"the notification ended before {after:g} s; no cancelEvent sent", file=sys.stderr)
+        return None, None
+    print(f"cancelEvent: cancellationToken={token} after {after:g} s", file=sys.stderr, flush=True)
+    try:
+        return await ig.cancel_event(token, correlation_id), None
+    except CIFError as exc:
+        return None, exc
 
 
 def cmd_notify(args: argparse.Namespace) -> int:

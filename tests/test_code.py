@@ -18,8 +18,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(
     p for folder in ("protocol", "server", "demo_client", "tests", "bench", "bench/peers")
