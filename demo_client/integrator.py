@@ -1,4 +1,4 @@
-"""A Python integrator client for deskpush, and the ``deskpush notify`` command.
+"""The Python SDK for integrators: ``Integrator``, deskpush's integrator endpoint from asyncio.
 
 It speaks the integrator side of wire protocol v1 (``docs/protocol.md``) and
 mirrors CIF 2.0's ``Microsoft.CIFramework.notifyEvent`` / ``cancelEvent``::
@@ -57,6 +57,8 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from ..protocol.vocabulary import CloseCode, ErrorMessage, MsdynName
+
 __all__ = [
     "Integrator",
     "Reconnect",
@@ -70,9 +72,10 @@ __all__ = [
 
 log = logging.getLogger("deskpush.integrator")
 
+REJECT_AFTER_CLIENT = ErrorMessage.REJECT_AFTER_CLIENT.value
+NOTIFY_EVENT, CANCEL_EVENT = MsdynName.NOTIFY_EVENT.value, MsdynName.CANCEL_EVENT.value
+
 LOST_DETAILS = "connection lost before the outcome arrived; the notification keeps running on the server"
-# The server closes a connection whose hello (API key) it refused with 4401.
-_CLOSE_UNAUTHORIZED = 4401
 
 
 # --------------------------------------------------------------------------
@@ -342,10 +345,10 @@ class Integrator:
         displayed; ``progress=False`` asks the server for no status frames.
         """
         if not isinstance(input, Mapping):
-            raise CIFError("RejectAfterClientError", "NotifyEvent", "input must be an object - at `$.input`")
+            raise CIFError(REJECT_AFTER_CLIENT, NOTIFY_EVENT, "input must be an object - at `$.input`")
         target = agent_id or input.get("agentId") or self.agent_id
         if not target:
-            raise CIFError("RejectAfterClientError", "NotifyEvent",
+            raise CIFError(REJECT_AFTER_CLIENT, NOTIFY_EVENT,
                            "no agentId: pass agent_id or set it on the Integrator - at `$.agentId`")
         frame: dict[str, Any] = {"type": "notifyEvent", "requestId": "", "agentId": target, "input": dict(input)}
         if cancellation_token is not None:
@@ -388,11 +391,11 @@ class Integrator:
         # a drop is either seen before (we waited) or sweeps this call after.
         request_id = f"{self._prefix}-{next(self._ids)}"
         frame["requestId"] = request_id
-        name = "NotifyEvent" if kind == "notify" else "CancelEvent"
+        name = NOTIFY_EVENT if kind == "notify" else CANCEL_EVENT
         try:
             data = _encode(frame)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise CIFError("RejectAfterClientError", name, f"cannot encode the request as JSON: {exc}") from None
+            raise CIFError(REJECT_AFTER_CLIENT, name, f"cannot encode the request as JSON: {exc}") from None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         pending = _Pending(kind, future, generation, on_status, cancellation_token=token)
         self._pending[request_id] = pending
@@ -426,7 +429,7 @@ class Integrator:
             p.future.set_exception(_Lost())
         else:
             p.future.set_exception(CIFError(
-                "RejectAfterClientError", "NotifyEvent", LOST_DETAILS,
+                REJECT_AFTER_CLIENT, NOTIFY_EVENT, LOST_DETAILS,
                 notification_id=p.notification_id, cancellation_token=p.cancellation_token,
             ))
 
@@ -458,8 +461,8 @@ class Integrator:
                     self._lose(request_id)
                 if self._closing:
                     return
-                if ws.close_code == _CLOSE_UNAUTHORIZED:
-                    raise UnauthorizedError("unauthorized: the server closed the connection with 4401")
+                if ws.close_code == CloseCode.UNAUTHORIZED:
+                    raise UnauthorizedError(f"unauthorized: the server closed the connection with {ws.close_code}")
                 log.warning("connection to %s lost (close code %s%s)", self.url, ws.close_code,
                             f" {ws.close_reason}" if ws.close_reason else "")
                 if self._reconnect is None:
@@ -522,7 +525,7 @@ class Integrator:
             return
         p = self._pending.pop(frame.request_id, None)
         if p is not None and not p.future.done():
-            default_name = "NotifyEvent" if p.kind == "notify" else "CancelEvent"
+            default_name = NOTIFY_EVENT if p.kind == "notify" else CANCEL_EVENT
             p.future.set_exception(CIFError(
                 body.message, body.msdyn_name or default_name, body.details,
                 notification_id=p.notification_id, cancellation_token=p.cancellation_token,

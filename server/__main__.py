@@ -1,3 +1,5 @@
+"""``python -m deskpush.server``: the ``deskpush`` command."""
+
 import sys
 
 from .cli import main

@@ -38,7 +38,7 @@ VOCABULARY_JS = CLIENT / "vocabulary.js"
 IMPORT_FROM = "./vocabulary.js"
 SCRIPTS = sorted(p for p in CLIENT.glob("*.js") if p != VOCABULARY_JS)
 PYTHON_SOURCES = sorted(
-    p for folder in ("protocol", "server") for p in (ROOT / folder).glob("*.py")
+    p for folder in ("protocol", "server", "demo_client") for p in (ROOT / folder).glob("*.py")
     if p.name != "vocabulary.py"
 )
 
@@ -449,5 +449,5 @@ def test_engine_and_server_spell_no_vocabulary_value():
     found = [f"{rel(path)}:{line}: {literal} is {name}"
              for path in PYTHON_SOURCES for line, literal, name in sorted(python_spellings(path))]
     assert not found, (
-        "protocol/ and server/ must take these from deskpush.protocol.vocabulary (add a name there "
+        "protocol/, server/ and demo_client/ must take these from deskpush.protocol.vocabulary (add a name there "
         "if one is missing, then run `make vocabulary`):\n" + "\n".join(found))
