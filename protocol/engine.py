@@ -6,8 +6,10 @@ The engine knows agents, their sessions, integrator connections and
 notifications. It does no I/O and reads no clock: every call takes ``now``
 (epoch milliseconds, supplied by the caller) and returns a list of *effects*:
 ``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
-logging and metrics). Connections are opaque hashable handles chosen by the
-caller. ``next_deadline()`` says when ``handle_timer(now)`` must next be called.
+logging and metrics). Each call makes its own list and hands it to the helpers
+that add to it, so what a call returns is exactly what it did. Connections are
+opaque hashable handles chosen by the caller. ``next_deadline()`` says when
+``handle_timer(now)`` must next be called.
 
 A notification moves through::
 
@@ -275,7 +277,6 @@ class Engine:
         self._times: list[float] = []  # heap of the keys of _timers
         self._timer_count = 0
         self._running_timers = False  # _run_due holds _timers' groups: no sweep
-        self._effects: list[Effect] = []
         self.outcomes = 0
 
     # ------------------------------------------------------------------
@@ -348,14 +349,14 @@ class Engine:
 
     def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
         """A session authenticated as ``agent_id``: welcome it and replay."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
         agent.sessions[conn] = session_id
         agent.grace_deadline = None
         self._sessions[conn] = agent
-        out = self._effects
         target = (conn,)
         out.append(Send(target, f.Welcome(agent_id=agent_id, session_id=session_id, server_time=int(now),
                                           displayed=tuple(n.id for n in agent.displayed))))
@@ -363,7 +364,7 @@ class Engine:
             out.append(Send(target, n.frame))
         if agent.queue:
             out.append(Send(target, f.QueueLength(queued=len(agent.queue))))
-        return self._flush()
+        return out
 
     def agent_disconnected(self, conn: Conn, now: float) -> list[Effect]:
         agent = self._sessions.pop(conn, None)
@@ -374,23 +375,23 @@ class Engine:
             when = now + self.limits.presence_grace * 1000.0
             agent.grace_deadline = when
             self._push(when, _GRACE, agent)
-        return self._flush()
+        return []
 
     def agent_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
         """A decoded frame from an authenticated agent session."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         match frame:
             case f.Respond():
-                self._respond(conn, frame, now)
+                self._respond(conn, frame, now, out)
             case f.Ping():
-                self._effects.append(Send((conn,), f.Pong(server_time=int(now))))
+                out.append(Send((conn,), f.Pong(server_time=int(now))))
             case f.AgentHello():
-                self._effects.append(
-                    Send((conn,), f.AgentError(code="AlreadyAuthenticated", message="hello was already accepted"))
-                )
-        return self._flush()
+                out.append(Send((conn,), f.AgentError(code="AlreadyAuthenticated",
+                                                      message="hello was already accepted")))
+        return out
 
-    def _respond(self, conn: Conn, frame: f.Respond, now: float) -> None:
+    def _respond(self, conn: Conn, frame: f.Respond, now: float, out: list[Effect]) -> None:
         agent = self._sessions.get(conn)
         nid = frame.notification_id
         n = self._live.get(nid)
@@ -401,15 +402,13 @@ class Engine:
                 msg = f"notification already ended: {ended.outcome.action_name}/{ended.outcome.response_reason}"
             else:
                 code, msg = "UnknownNotification", "no such notification for this agent"
-            self._effects.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
+            out.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
             return
         if n.state is not DISPLAYED:
-            self._effects.append(
-                Send((conn,), f.AgentError(code="NotificationNotDisplayed", message="notification is not displayed",
-                                           notification_id=nid))
-            )
+            out.append(Send((conn,), f.AgentError(code="NotificationNotDisplayed",
+                                                  message="notification is not displayed", notification_id=nid)))
             return
-        self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now)
+        self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now, out)
 
     # ------------------------------------------------------------------
     # Integrator events
@@ -428,46 +427,46 @@ class Engine:
 
     def integrator_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         match frame:
             case f.NotifyEvent():
-                self._notify(conn, frame, now)
+                self._notify(conn, frame, now, out)
             case f.CancelEvent():
-                self._cancel(conn, frame, now)
+                self._cancel(conn, frame, now, out)
             case f.IntegratorHello():
-                self._effects.append(
-                    Send((conn,), f.IntegratorError(error=f.ErrorBody(
-                        message="RejectAfterClientError", msdyn_name="NotifyEvent",
-                        details="hello was already accepted")))
-                )
-        return self._flush()
+                out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
+                    message="RejectAfterClientError", msdyn_name="NotifyEvent",
+                    details="hello was already accepted"))))
+        return out
 
-    def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float) -> None:
+    def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float, out: list[Effect]) -> None:
         key = self._integrators[conn]
         rid = frame.request_id
         inp = frame.input
         template = self.templates.get(inp.template_name)
         if template is None:
-            self._reply(conn, _notify_error(rid, "NotificationTemplateNotFoundError",
-                                            f"no template named {inp.template_name!r}"))
+            out.append(Send((conn,), _notify_error(rid, "NotificationTemplateNotFoundError",
+                                                   f"no template named {inp.template_name!r}")))
             return
         token = inp.cancellation_token
         if frame.cancellation_token is not None:
             if token is not None and token != frame.cancellation_token:
-                self._reply(conn, _notify_error(rid, "RejectAfterClientError",
-                                                "cancellationToken in input and beside it differ - at $.cancellationToken"))
+                out.append(Send((conn,), _notify_error(
+                    rid, "RejectAfterClientError",
+                    "cancellationToken in input and beside it differ - at $.cancellationToken")))
                 return
             token = frame.cancellation_token
         if token is None:
             token = self._new_id()
         elif (key, token) in self._tokens:
-            self._reply(conn, _notify_error(rid, "CancellationTokenInUseError",
-                                            f"cancellationToken {token!r} belongs to a pending notification"))
+            out.append(Send((conn,), _notify_error(rid, "CancellationTokenInUseError",
+                                                   f"cancellationToken {token!r} belongs to a pending notification")))
             return
         agent = self._agents.get(frame.agent_id)
         if agent is None:
-            self._reply(conn, _notify_error(rid, "AgentNotConnectedError",
-                                            f"agent {frame.agent_id!r} is not connected"))
+            out.append(Send((conn,), _notify_error(rid, "AgentNotConnectedError",
+                                                   f"agent {frame.agent_id!r} is not connected")))
             return
 
         render = self._renderers.get(inp.template_name)
@@ -489,7 +488,7 @@ class Engine:
         )
         limits = self.limits
         if len(agent.displayed) >= limits.display_limit and len(agent.queue) >= limits.queue_limit:
-            self._end(n, QUEUE_LIMIT, now)
+            self._end(n, QUEUE_LIMIT, now, out)
             return
         self._live[n.id] = n
         self._tokens[(key, token)] = n
@@ -498,33 +497,34 @@ class Engine:
             owned = self._owned[conn] = set()
         owned.add(n)
         if n.progress:
-            self._reply(conn, f.Status(request_id=rid, notification_id=n.id, cancellation_token=token, state="queued"))
+            out.append(Send((conn,), f.Status(request_id=rid, notification_id=n.id, cancellation_token=token,
+                                              state="queued")))
         if len(agent.displayed) < limits.display_limit:
-            self._display(n, now)
+            self._display(n, now, out)
         else:
             n.deadline = when = self._deadline(now, limits.queue_timeout)
             agent.queue.append(n)
             self._push(when, _QUEUE, n)
-            self._queue_changed(agent)
+            self._queue_changed(agent, out)
 
-    def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float) -> None:
+    def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
         key = self._integrators[conn]
         token = frame.cancellation_token
         n = self._tokens.get((key, token))
         if n is not None:
-            self._end(n, CANCELLED, now)
+            self._end(n, CANCELLED, now, out)
         else:
             n = self._recent_tokens.get((key, token))
             if n is None:
-                self._reply(conn, _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
-                                                f"no notification with cancellationToken {token!r}"))
+                out.append(Send((conn,), _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
+                                                       f"no notification with cancellationToken {token!r}")))
                 return
         outcome = n.outcome
-        self._reply(conn, f.Result(
+        out.append(Send((conn,), f.Result(
             request_id=frame.request_id,
             value=f.CancelValue(cancellation_token=token, action_name=outcome.action_name,
                                 response_reason=outcome.response_reason),
-        ))
+        )))
 
     # ------------------------------------------------------------------
     # Time
@@ -535,10 +535,11 @@ class Engine:
         With a ``limit`` the caller can let I/O through between batches when
         thousands fall due at once; ``next_deadline()`` then is still <= now.
         """
-        self._run_due(now, limit)
-        return self._flush()
+        out: list[Effect] = []
+        self._run_due(now, limit, out)
+        return out
 
-    def _run_due(self, now: float, limit: int | None = None) -> None:
+    def _run_due(self, now: float, limit: int | None, out: list[Effect]) -> None:
         times = self._times
         timers = self._timers
         valid = self._timer_valid
@@ -559,11 +560,11 @@ class Engine:
                     if not valid(when, kind, ref):
                         continue
                     if kind == _DISPLAY:
-                        end(ref, DISPLAY_TIMEOUT, now)
+                        end(ref, DISPLAY_TIMEOUT, now, out)
                     elif kind == _QUEUE:
-                        end(ref, QUEUE_TIME_LIMIT, now)
+                        end(ref, QUEUE_TIME_LIMIT, now, out)
                     else:
-                        self._grace_expired(ref, now)
+                        self._grace_expired(ref, now, out)
                 if not group:
                     heapq.heappop(times)
                     del timers[when]
@@ -616,18 +617,18 @@ class Engine:
         heapq.heapify(self._times)
         self._timer_count = sum(len(g) for g in kept.values())
 
-    def _grace_expired(self, agent: _Agent, now: float) -> None:
+    def _grace_expired(self, agent: _Agent, now: float, out: list[Effect]) -> None:
         agent.grace_deadline = None
         for n in list(agent.queue) + list(agent.displayed):
             if n.state is not ENDED:
-                self._end(n, AGENT_DISCONNECTED, now)
+                self._end(n, AGENT_DISCONNECTED, now, out)
         if not agent.sessions and self._agents.get(agent.id) is agent:
             del self._agents[agent.id]
 
     # ------------------------------------------------------------------
     # Transitions
 
-    def _display(self, n: _Notification, now: float) -> None:
+    def _display(self, n: _Notification, now: float, out: list[Effect]) -> None:
         agent = n.agent
         t = n.template
         n.state = DISPLAYED
@@ -648,16 +649,16 @@ class Engine:
         )
         agent.displayed.append(n)
         if agent.sessions:
-            self._effects.append(Send(tuple(agent.sessions), n.frame))
+            out.append(Send(tuple(agent.sessions), n.frame))
         if n.progress and n.owner is not None:
-            self._reply(n.owner, f.Status(request_id=n.request_id, notification_id=n.id,
-                                          cancellation_token=n.token, state="displayed"))
+            out.append(Send((n.owner,), f.Status(request_id=n.request_id, notification_id=n.id,
+                                                 cancellation_token=n.token, state="displayed")))
         if t.auto_accept:
-            self._end(n, AUTO_ACCEPTED, now)
+            self._end(n, AUTO_ACCEPTED, now, out)
         else:
             self._push(when, _DISPLAY, n)
 
-    def _end(self, n: _Notification, outcome: Outcome, now: float) -> None:
+    def _end(self, n: _Notification, outcome: Outcome, now: float, out: list[Effect]) -> None:
         """The one place a notification gets its outcome."""
         was = n.state
         assert was is not ENDED, "a notification ends once"
@@ -666,7 +667,6 @@ class Engine:
         agent = n.agent
         key = n.key
         owner = n.owner
-        out = self._effects
         self.outcomes += 1
         if self._live.pop(n.id, None) is not None:
             token_key = (key, n.token)
@@ -703,12 +703,12 @@ class Engine:
                     notification_id=n.id, action_name=outcome.action_name,
                     response_reason=outcome.response_reason)))
             if agent.queue:
-                self._display_next(agent, now)
+                self._display_next(agent, now, out)
         elif was is QUEUED and n in agent.queue:
             agent.queue.remove(n)
-            self._queue_changed(agent)
+            self._queue_changed(agent, out)
 
-    def _display_next(self, agent: _Agent, now: float) -> None:
+    def _display_next(self, agent: _Agent, now: float, out: list[Effect]) -> None:
         # An auto-accept template ends as it is displayed, which lands back
         # here; the outer loop carries on instead of recursing once per item.
         if agent.draining:
@@ -720,18 +720,18 @@ class Engine:
             while agent.queue and len(agent.displayed) < limit:
                 n = agent.queue.popleft()
                 changed = True
-                self._display(n, now)
+                self._display(n, now, out)
         finally:
             agent.draining = False
         if changed:
-            self._queue_changed(agent)
+            self._queue_changed(agent, out)
 
-    def _queue_changed(self, agent: _Agent) -> None:
+    def _queue_changed(self, agent: _Agent, out: list[Effect]) -> None:
         queued = len(agent.queue)
         if queued != agent.queued_sent:
             agent.queued_sent = queued
             if agent.sessions:
-                self._effects.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
+                out.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
 
     def _remember(self, n: _Notification) -> None:
         cap = self.limits.recent_outcomes
@@ -772,6 +772,7 @@ class Engine:
         unclaimed. A deadline that passed while the server was down fires at
         the next ``handle_timer``.
         """
+        out: list[Effect] = []
         grace = now + self.limits.presence_grace * 1000.0
         for s in snapshot.notifications:
             if s.id in self._live or (s.integrator, s.cancellation_token) in self._tokens:
@@ -797,15 +798,5 @@ class Engine:
                 self._push(n.deadline, _QUEUE, n)
         for agent in self._agents.values():
             agent.queued_sent = len(agent.queue)
-            self._display_next(agent, now)
-        return self._flush()
-
-    # ------------------------------------------------------------------
-
-    def _reply(self, conn: Conn, frame: Any) -> None:
-        self._effects.append(Send((conn,), frame))
-
-    def _flush(self) -> list[Effect]:
-        out = self._effects
-        self._effects = []
+            self._display_next(agent, now, out)
         return out
