@@ -120,7 +120,7 @@ class Send(msgspec.Struct, frozen=True, gc=False):
     """Send ``frame`` to each connection in ``targets``."""
 
     targets: tuple[Conn, ...]
-    frame: Any
+    frame: f.Outbound
 
 
 class Ended(msgspec.Struct, frozen=True, gc=False):
@@ -377,7 +377,7 @@ class Engine:
             self._push(when, _GRACE, agent)
         return []
 
-    def agent_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+    def agent_frame(self, conn: Conn, frame: f.AgentInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated agent session."""
         out: list[Effect] = []
         self._run_due(now, None, out)
@@ -425,7 +425,7 @@ class Engine:
             n.owner = None
         return []
 
-    def integrator_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+    def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
         out: list[Effect] = []
         self._run_due(now, None, out)
