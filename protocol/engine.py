@@ -11,6 +11,10 @@ that add to it, so what a call returns is exactly what it did. Connections are
 opaque hashable handles chosen by the caller. ``next_deadline()`` says when
 ``handle_timer(now)`` must next be called.
 
+An integrator is named by the API key its connection authenticated with
+(``integrator`` everywhere below): its connections share cancellation tokens
+and unclaimed outcomes.
+
 A notification moves through::
 
     QUEUED ──display──> DISPLAYED ──> ENDED
@@ -45,7 +49,7 @@ When an agent's last session drops, its timers keep running; a session that
 returns within ``presence_grace`` gets the displayed notifications replayed. If
 none returns, every pending notification ends with Reject/AgentDisconnected and
 the agent is forgotten. An integrator that disconnects does not cancel its
-notifications: their outcomes are kept (bounded) in ``unclaimed(key)``.
+notifications: their outcomes are kept (bounded) in ``unclaimed(integrator)``.
 
 Ended notifications are remembered (bounded by ``recent_outcomes``) so a late
 respond or cancelEvent still gets a definite answer.
@@ -163,7 +167,7 @@ QUEUED, DISPLAYED, ENDED = State.QUEUED, State.DISPLAYED, State.ENDED
 class _Notification:
     id: str
     agent: _Agent
-    key: str
+    integrator: str
     owner: Conn | None
     request_id: str
     token: str
@@ -239,7 +243,7 @@ def id_factory() -> Callable[[], str]:
     A uuid4 per id costs a getrandom() system call, twice per notifyEvent; the
     ids need to be unique (across restarts too, hence the prefix), not secret:
     a notification answers only to its own agent and a cancellation token only
-    to its own integrator key.
+    to its own integrator.
     """
     prefix = uuid.uuid4().hex[:16]
     counter = itertools.count(1)
@@ -265,7 +269,7 @@ class Engine:
         self._integrators: dict[Conn, str] = {}
         self._owned: dict[Conn, set[_Notification]] = {}
         self._live: dict[str, _Notification] = {}
-        self._tokens: dict[tuple[str, str], _Notification] = {}
+        self._tokens: dict[tuple[str, str], _Notification] = {}  # by (integrator, token)
         self._recent: OrderedDict[str, _Notification] = OrderedDict()
         self._recent_tokens: dict[tuple[str, str], _Notification] = {}
         self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
@@ -330,9 +334,9 @@ class Engine:
         n = self._recent.get(notification_id)
         return n.outcome if n else None
 
-    def unclaimed(self, key: str) -> list[tuple[str, Outcome]]:
+    def unclaimed(self, integrator: str) -> list[tuple[str, Outcome]]:
         """Outcomes whose integrator connection was gone: (requestId, outcome)."""
-        return list(self._unclaimed.get(key, ()))
+        return list(self._unclaimed.get(integrator, ()))
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -413,9 +417,9 @@ class Engine:
     # ------------------------------------------------------------------
     # Integrator events
 
-    def integrator_connected(self, conn: Conn, key: str, now: float) -> list[Effect]:
-        """A connection authenticated with the API key named ``key``."""
-        self._integrators[conn] = key
+    def integrator_connected(self, conn: Conn, integrator: str, now: float) -> list[Effect]:
+        """A connection authenticated with the API key named ``integrator``."""
+        self._integrators[conn] = integrator
         return []
 
     def integrator_disconnected(self, conn: Conn, now: float) -> list[Effect]:
@@ -441,7 +445,7 @@ class Engine:
         return out
 
     def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float, out: list[Effect]) -> None:
-        key = self._integrators[conn]
+        integrator = self._integrators[conn]
         rid = frame.request_id
         inp = frame.input
         template = self.templates.get(inp.template_name)
@@ -459,7 +463,7 @@ class Engine:
             token = frame.cancellation_token
         if token is None:
             token = self._new_id()
-        elif (key, token) in self._tokens:
+        elif (integrator, token) in self._tokens:
             out.append(Send((conn,), _notify_error(rid, "CancellationTokenInUseError",
                                                    f"cancellationToken {token!r} belongs to a pending notification")))
             return
@@ -476,7 +480,7 @@ class Engine:
         n = _Notification(
             id=self._new_id(),
             agent=agent,
-            key=key,
+            integrator=integrator,
             owner=conn,
             request_id=rid,
             token=token,
@@ -491,7 +495,7 @@ class Engine:
             self._end(n, QUEUE_LIMIT, now, out)
             return
         self._live[n.id] = n
-        self._tokens[(key, token)] = n
+        self._tokens[(integrator, token)] = n
         owned = self._owned.get(conn)
         if owned is None:
             owned = self._owned[conn] = set()
@@ -508,13 +512,13 @@ class Engine:
             self._queue_changed(agent, out)
 
     def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
-        key = self._integrators[conn]
+        integrator = self._integrators[conn]
         token = frame.cancellation_token
-        n = self._tokens.get((key, token))
+        n = self._tokens.get((integrator, token))
         if n is not None:
             self._end(n, CANCELLED, now, out)
         else:
-            n = self._recent_tokens.get((key, token))
+            n = self._recent_tokens.get((integrator, token))
             if n is None:
                 out.append(Send((conn,), _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
                                                        f"no notification with cancellationToken {token!r}")))
@@ -665,11 +669,11 @@ class Engine:
         n.state = ENDED
         n.outcome = outcome
         agent = n.agent
-        key = n.key
+        integrator = n.integrator
         owner = n.owner
         self.outcomes += 1
         if self._live.pop(n.id, None) is not None:
-            token_key = (key, n.token)
+            token_key = (integrator, n.token)
             if self._tokens.get(token_key) is n:
                 del self._tokens[token_key]
             if owner is not None:
@@ -682,11 +686,11 @@ class Engine:
         if delivered:
             out.append(Send((owner,), f.Result(request_id=n.request_id, value=_VALUES[outcome])))
         elif self.limits.unclaimed_outcomes:
-            box = self._unclaimed.get(key)
+            box = self._unclaimed.get(integrator)
             if box is None:
-                box = self._unclaimed[key] = deque(maxlen=self.limits.unclaimed_outcomes)
+                box = self._unclaimed[integrator] = deque(maxlen=self.limits.unclaimed_outcomes)
             box.append((n.request_id, outcome))
-        out.append(Ended(n.id, agent.id, key, n.correlation_id, outcome, delivered))
+        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
 
         # Remembered ended notifications answer late responds and cancels
         # from their id, agent, token and outcome; the card and the
@@ -740,12 +744,12 @@ class Engine:
         recent = self._recent
         recent[n.id] = n
         tokens = self._recent_tokens
-        tokens[(n.key, n.token)] = n
+        tokens[(n.integrator, n.token)] = n
         while len(recent) > cap:
             _, old = recent.popitem(last=False)
-            old_key = (old.key, old.token)
-            if tokens.get(old_key) is old:
-                del tokens[old_key]
+            old_token = (old.integrator, old.token)
+            if tokens.get(old_token) is old:
+                del tokens[old_token]
 
     # ------------------------------------------------------------------
     # Keeping pending notifications across a restart
@@ -756,7 +760,7 @@ class Engine:
         for agent in self._agents.values():
             for n in itertools.chain(agent.displayed, agent.queue):
                 saved.append(SavedNotification(
-                    id=n.id, agent_id=agent.id, integrator=n.key, request_id=n.request_id,
+                    id=n.id, agent_id=agent.id, integrator=n.integrator, request_id=n.request_id,
                     cancellation_token=n.token, correlation_id=n.correlation_id, progress=n.progress,
                     template=n.template, title=n.title, fields=n.fields, state=n.state.value,
                     deadline=n.deadline, frame=n.frame,
@@ -782,13 +786,13 @@ class Engine:
                 agent = self._agents[s.agent_id] = _Agent(s.agent_id, grace_deadline=grace)
                 self._push(grace, _GRACE, agent)
             n = _Notification(
-                id=s.id, agent=agent, key=s.integrator, owner=None, request_id=s.request_id,
+                id=s.id, agent=agent, integrator=s.integrator, owner=None, request_id=s.request_id,
                 token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
                 template=s.template, title=s.title, fields=s.fields, state=State(s.state),
                 deadline=s.deadline, frame=s.frame,
             )
             self._live[n.id] = n
-            self._tokens[(n.key, n.token)] = n
+            self._tokens[(n.integrator, n.token)] = n
             if n.state is DISPLAYED and n.frame is not None:
                 agent.displayed.append(n)
                 self._push(n.deadline, _DISPLAY, n)
