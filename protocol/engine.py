@@ -51,8 +51,8 @@ none returns, every pending notification ends with Reject/AgentDisconnected and
 the agent is forgotten. An integrator that disconnects does not cancel its
 notifications: their outcomes are kept (bounded) in ``unclaimed(integrator)``.
 
-Ended notifications are remembered (bounded by ``recent_outcomes``) so a late
-respond or cancelEvent still gets a definite answer.
+Ended notifications are remembered (bounded by ``recent_outcomes``) as a small
+record, so a late respond or cancelEvent still gets a definite answer.
 
 An event can arrive at a ``now`` past a deadline before the caller's timer has
 called ``handle_timer``. So the events whose answer depends on the time (agent
@@ -165,10 +165,12 @@ QUEUED, DISPLAYED, ENDED = State.QUEUED, State.DISPLAYED, State.ENDED
 
 @dataclass(slots=True, eq=False)
 class _Notification:
+    """A pending notification, from notifyEvent until its outcome."""
+
     id: str
     agent: _Agent
     integrator: str
-    owner: Conn | None
+    owner: Conn | None  # the connection owed its result; None once sent, or if the connection went
     request_id: str
     token: str
     correlation_id: str | None
@@ -177,9 +179,22 @@ class _Notification:
     title: str
     fields: tuple[f.Field, ...]
     state: State = QUEUED
-    deadline: float = 0.0
-    frame: f.Notification | None = None
-    outcome: Outcome | None = None
+    deadline: float = 0.0  # of the queue while QUEUED, of the display while DISPLAYED
+    frame: f.Notification | None = None  # the card, once displayed
+
+
+class _Remembered(msgspec.Struct, frozen=True, gc=False):
+    """What is kept of an ended notification: enough to answer a late respond or cancelEvent.
+
+    Not the card nor the connection that asked: there are ``recent_outcomes``
+    of these (100,000 by default), and a closed connection must be freed.
+    """
+
+    id: str
+    agent_id: str
+    integrator: str
+    token: str
+    outcome: Outcome
 
 
 @dataclass(slots=True, eq=False)
@@ -270,8 +285,8 @@ class Engine:
         self._owned: dict[Conn, set[_Notification]] = {}
         self._live: dict[str, _Notification] = {}
         self._tokens: dict[tuple[str, str], _Notification] = {}  # by (integrator, token)
-        self._recent: OrderedDict[str, _Notification] = OrderedDict()
-        self._recent_tokens: dict[tuple[str, str], _Notification] = {}
+        self._recent: OrderedDict[str, _Remembered] = OrderedDict()
+        self._recent_tokens: dict[tuple[str, str], _Remembered] = {}
         self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
         # Timers, grouped by when they fire: deadlines rounded to
         # timer_resolution fall on a grid, so thousands share one group.
@@ -327,12 +342,14 @@ class Engine:
         return [n.id for n in agent.queue] if agent else []
 
     def state_of(self, notification_id: str) -> State | None:
-        n = self._live.get(notification_id) or self._recent.get(notification_id)
-        return n.state if n else None
+        n = self._live.get(notification_id)
+        if n is not None:
+            return n.state
+        return ENDED if notification_id in self._recent else None
 
     def outcome_of(self, notification_id: str) -> Outcome | None:
-        n = self._recent.get(notification_id)
-        return n.outcome if n else None
+        ended = self._recent.get(notification_id)
+        return ended.outcome if ended is not None else None
 
     def unclaimed(self, integrator: str) -> list[tuple[str, Outcome]]:
         """Outcomes whose integrator connection was gone: (requestId, outcome)."""
@@ -401,7 +418,7 @@ class Engine:
         n = self._live.get(nid)
         if n is None or n.agent is not agent:
             ended = self._recent.get(nid)
-            if ended is not None and ended.agent.id == (agent.id if agent else None):
+            if ended is not None and ended.agent_id == (agent.id if agent else None):
                 code = "NotificationNotPending"
                 msg = f"notification already ended: {ended.outcome.action_name}/{ended.outcome.response_reason}"
             else:
@@ -512,18 +529,20 @@ class Engine:
             self._queue_changed(agent, out)
 
     def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
+        """End the notification of the token if pending; answer with its outcome either way."""
         integrator = self._integrators[conn]
         token = frame.cancellation_token
         n = self._tokens.get((integrator, token))
         if n is not None:
             self._end(n, CANCELLED, now, out)
+            outcome = CANCELLED
         else:
-            n = self._recent_tokens.get((integrator, token))
-            if n is None:
+            ended = self._recent_tokens.get((integrator, token))
+            if ended is None:
                 out.append(Send((conn,), _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
                                                        f"no notification with cancellationToken {token!r}")))
                 return
-        outcome = n.outcome
+            outcome = ended.outcome
         out.append(Send((conn,), f.Result(
             request_id=frame.request_id,
             value=f.CancelValue(cancellation_token=token, action_name=outcome.action_name,
@@ -667,10 +686,10 @@ class Engine:
         was = n.state
         assert was is not ENDED, "a notification ends once"
         n.state = ENDED
-        n.outcome = outcome
         agent = n.agent
         integrator = n.integrator
         owner = n.owner
+        n.owner = None  # answered below (or unclaimed): owed nothing, and not kept open by a stale timer
         self.outcomes += 1
         if self._live.pop(n.id, None) is not None:
             token_key = (integrator, n.token)
@@ -680,7 +699,7 @@ class Engine:
                 owned = self._owned.get(owner)
                 if owned is not None:
                     owned.discard(n)
-        self._remember(n)
+        self._remember(n, outcome)
 
         delivered = owner is not None
         if delivered:
@@ -691,14 +710,6 @@ class Engine:
                 box = self._unclaimed[integrator] = deque(maxlen=self.limits.unclaimed_outcomes)
             box.append((n.request_id, outcome))
         out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
-
-        # Remembered ended notifications answer late responds and cancels
-        # from their id, agent, token and outcome; the card and the
-        # connection are not needed any more (100,000 of them by default).
-        n.frame = None
-        n.fields = ()
-        n.title = n.request_id = ""
-        n.correlation_id = n.owner = None
 
         if was is DISPLAYED:
             agent.displayed.remove(n)
@@ -737,14 +748,15 @@ class Engine:
             if agent.sessions:
                 out.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
 
-    def _remember(self, n: _Notification) -> None:
+    def _remember(self, n: _Notification, outcome: Outcome) -> None:
         cap = self.limits.recent_outcomes
         if not cap:
             return
+        ended = _Remembered(n.id, n.agent.id, n.integrator, n.token, outcome)
         recent = self._recent
-        recent[n.id] = n
+        recent[ended.id] = ended
         tokens = self._recent_tokens
-        tokens[(n.integrator, n.token)] = n
+        tokens[(ended.integrator, ended.token)] = ended
         while len(recent) > cap:
             _, old = recent.popitem(last=False)
             old_token = (old.integrator, old.token)
