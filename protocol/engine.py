@@ -54,6 +54,10 @@ notifications: their outcomes are kept (bounded) in ``unclaimed(integrator)``.
 Ended notifications are remembered (bounded by ``recent_outcomes``) as a small
 record, so a late respond or cancelEvent still gets a definite answer.
 
+The deadlines (a queued notification's, a displayed one's, an agent's presence
+grace) are held in a ``timers.Timers``; ``_timer_stands`` is the one rule that
+says whether a timer still counts.
+
 An event can arrive at a ``now`` past a deadline before the caller's timer has
 called ``handle_timer``. So the events whose answer depends on the time (agent
 connect and frames, integrator frames) first run every deadline already due:
@@ -64,19 +68,19 @@ revive anything, whatever order the caller's timer and sockets happened to run.
 from __future__ import annotations
 
 import enum
-import heapq
 import itertools
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from . import frames as f
 from .templates import Renderer, Template
+from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
     AGENT_DISCONNECTED,
@@ -208,6 +212,59 @@ class _Agent:
     draining: bool = False
 
 
+# The three kinds of timer. A timer names its kind rather than leaving it to
+# the state of what it points at: a notification displayed from the queue can
+# get a display deadline equal to its queue deadline, and its display timer
+# must then run in its own place among the timers of that deadline, not in
+# the place of its stale queue timer. ``gc=False``: only the Timers hold a
+# timer, so it cannot be part of a reference cycle.
+
+
+class _QueueTimer(msgspec.Struct, frozen=True, gc=False):
+    """A queued notification's queue deadline: it ends with QUEUE_TIME_LIMIT."""
+
+    notification: _Notification
+
+
+class _DisplayTimer(msgspec.Struct, frozen=True, gc=False):
+    """A displayed notification's display deadline: it ends with DISPLAY_TIMEOUT."""
+
+    notification: _Notification
+
+
+class _GraceTimer(msgspec.Struct, frozen=True, gc=False):
+    """The end of the presence grace of an agent without a session."""
+
+    agent: _Agent
+
+
+_Timer = _QueueTimer | _DisplayTimer | _GraceTimer
+
+
+def _timer_stands(when: float, timer: _Timer) -> bool:
+    """Whether ``timer``, set for ``when``, still counts: the one validity rule.
+
+    A notification's timer goes stale when the notification leaves the state
+    it was set for (displayed, or ended), an agent's when a session comes
+    back (or a later drop sets a new grace). Nothing is removed from the
+    timers at those moments; this is asked instead.
+    """
+    kind = type(timer)
+    if kind is _DisplayTimer:
+        n = timer.notification
+        return n.state is DISPLAYED and n.deadline == when
+    if kind is _QueueTimer:
+        n = timer.notification
+        return n.state is QUEUED and n.deadline == when
+    agent = timer.agent
+    return agent.grace_deadline == when and not agent.sessions
+
+
+# Timers that went stale stay until they surface. They are swept when there
+# are more than this many, and more than twice as many as could still count.
+_SWEEP_ABOVE = 4096
+
+
 class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     """A pending notification as kept across a restart."""
 
@@ -232,10 +289,6 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     version: int = 1
     saved_at: float = 0.0
     notifications: tuple[SavedNotification, ...] = ()
-
-
-# Timer kinds in the deadline heap.
-_QUEUE, _DISPLAY, _GRACE = 0, 1, 2
 
 
 def _notify_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
@@ -288,14 +341,7 @@ class Engine:
         self._recent: OrderedDict[str, _Remembered] = OrderedDict()
         self._recent_tokens: dict[tuple[str, str], _Remembered] = {}
         self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
-        # Timers, grouped by when they fire: deadlines rounded to
-        # timer_resolution fall on a grid, so thousands share one group.
-        # Adding a timer is an append, running one a popleft, and the heap
-        # orders only the distinct times (not 20,000 tuples in a burst).
-        self._timers: dict[float, deque[tuple[int, Any]]] = {}
-        self._times: list[float] = []  # heap of the keys of _timers
-        self._timer_count = 0
-        self._running_timers = False  # _run_due holds _timers' groups: no sweep
+        self._timers: Timers[_Timer] = Timers(_timer_stands)
         self.outcomes = 0
 
     # ------------------------------------------------------------------
@@ -303,21 +349,7 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must next run (epoch ms), or None."""
-        times = self._times
-        timers = self._timers
-        valid = self._timer_valid
-        while times:
-            when = times[0]
-            group = timers[when]
-            while group:
-                kind, ref = group[0]
-                if valid(when, kind, ref):
-                    return when
-                group.popleft()
-                self._timer_count -= 1
-            heapq.heappop(times)
-            del timers[when]
-        return None
+        return self._timers.next_deadline()
 
     def deadline_floor(self) -> float | None:
         """A time no later than ``next_deadline()`` (None: no deadline at all), in O(1).
@@ -327,8 +359,7 @@ class Engine:
         caller that only needs to know whether its timer is still early
         enough can ask this instead.
         """
-        times = self._times
-        return times[0] if times else None
+        return self._timers.earliest()
 
     def is_agent_present(self, agent_id: str) -> bool:
         return agent_id in self._agents
@@ -395,7 +426,7 @@ class Engine:
         if not agent.sessions:
             when = now + self.limits.presence_grace * 1000.0
             agent.grace_deadline = when
-            self._push(when, _GRACE, agent)
+            self._arm(when, _GraceTimer(agent))
         return []
 
     def agent_frame(self, conn: Conn, frame: f.AgentInbound, now: float) -> list[Effect]:
@@ -525,7 +556,7 @@ class Engine:
         else:
             n.deadline = when = self._deadline(now, limits.queue_timeout)
             agent.queue.append(n)
-            self._push(when, _QUEUE, n)
+            self._arm(when, _QueueTimer(n))
             self._queue_changed(agent, out)
 
     def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
@@ -563,43 +594,19 @@ class Engine:
         return out
 
     def _run_due(self, now: float, limit: int | None, out: list[Effect]) -> None:
-        times = self._times
         timers = self._timers
-        valid = self._timer_valid
+        earliest = timers.earliest()
+        if earliest is None or earliest > now:
+            return  # the usual case for an event: nothing is due
         end = self._end
-        budget = -1 if limit is None else limit
-        self._running_timers = True
-        try:
-            while times and times[0] <= now and budget != 0:
-                when = times[0]
-                group = timers[when]
-                popleft = group.popleft
-                # A timer added meanwhile for ``when`` itself (only a
-                # zero-length one can be) joins this group and runs here too.
-                while group and budget != 0:
-                    budget -= 1
-                    kind, ref = popleft()
-                    self._timer_count -= 1
-                    if not valid(when, kind, ref):
-                        continue
-                    if kind == _DISPLAY:
-                        end(ref, DISPLAY_TIMEOUT, now, out)
-                    elif kind == _QUEUE:
-                        end(ref, QUEUE_TIME_LIMIT, now, out)
-                    else:
-                        self._grace_expired(ref, now, out)
-                if not group:
-                    heapq.heappop(times)
-                    del timers[when]
-        finally:
-            self._running_timers = False
-
-    def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
-        if kind == _GRACE:
-            return ref.grace_deadline == when and not ref.sessions
-        if kind == _DISPLAY:
-            return ref.state is DISPLAYED and ref.deadline == when
-        return ref.state is QUEUED and ref.deadline == when
+        for timer in timers.pop_due(now, limit):
+            kind = type(timer)
+            if kind is _DisplayTimer:
+                end(timer.notification, DISPLAY_TIMEOUT, now, out)
+            elif kind is _QueueTimer:
+                end(timer.notification, QUEUE_TIME_LIMIT, now, out)
+            else:
+                self._grace_expired(timer.agent, now, out)
 
     def _deadline(self, now: float, seconds: float) -> float:
         """``now`` plus ``seconds``, rounded up to a multiple of ``timer_resolution``.
@@ -613,32 +620,15 @@ class Engine:
         step = self.limits.timer_resolution * 1000.0
         return -(-when // step) * step if step else when
 
-    def _push(self, when: float, kind: int, ref: Any) -> None:
+    def _arm(self, when: float, timer: _Timer) -> None:
+        timers = self._timers
         # Timers of notifications that ended early stay until they surface;
-        # drop them in one sweep when they outnumber the live ones, so memory
+        # sweep them when they outnumber what can still count, so memory
         # follows what is pending, not the rate of offers.
-        count = self._timer_count
-        if (count > 4096 and count > 2 * (len(self._live) + len(self._agents))
-                and not self._running_timers):
-            self._sweep_timers()
-        group = self._timers.get(when)
-        if group is None:
-            group = self._timers[when] = deque()
-            heapq.heappush(self._times, when)
-        group.append((kind, ref))
-        self._timer_count += 1
-
-    def _sweep_timers(self) -> None:
-        valid = self._timer_valid
-        kept: dict[float, deque[tuple[int, Any]]] = {}
-        for when, group in self._timers.items():
-            alive = deque(t for t in group if valid(when, t[0], t[1]))
-            if alive:
-                kept[when] = alive
-        self._timers = kept
-        self._times = list(kept)
-        heapq.heapify(self._times)
-        self._timer_count = sum(len(g) for g in kept.values())
+        size = timers.size
+        if size > _SWEEP_ABOVE and size > 2 * (len(self._live) + len(self._agents)):
+            timers.sweep()
+        timers.add(when, timer)
 
     def _grace_expired(self, agent: _Agent, now: float, out: list[Effect]) -> None:
         agent.grace_deadline = None
@@ -679,7 +669,7 @@ class Engine:
         if t.auto_accept:
             self._end(n, AUTO_ACCEPTED, now, out)
         else:
-            self._push(when, _DISPLAY, n)
+            self._arm(when, _DisplayTimer(n))
 
     def _end(self, n: _Notification, outcome: Outcome, now: float, out: list[Effect]) -> None:
         """The one place a notification gets its outcome."""
@@ -796,7 +786,7 @@ class Engine:
             agent = self._agents.get(s.agent_id)
             if agent is None:
                 agent = self._agents[s.agent_id] = _Agent(s.agent_id, grace_deadline=grace)
-                self._push(grace, _GRACE, agent)
+                self._arm(grace, _GraceTimer(agent))
             n = _Notification(
                 id=s.id, agent=agent, integrator=s.integrator, owner=None, request_id=s.request_id,
                 token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
@@ -807,11 +797,11 @@ class Engine:
             self._tokens[(n.integrator, n.token)] = n
             if n.state is DISPLAYED and n.frame is not None:
                 agent.displayed.append(n)
-                self._push(n.deadline, _DISPLAY, n)
+                self._arm(n.deadline, _DisplayTimer(n))
             else:
                 n.state = QUEUED
                 agent.queue.append(n)
-                self._push(n.deadline, _QUEUE, n)
+                self._arm(n.deadline, _QueueTimer(n))
         for agent in self._agents.values():
             agent.queued_sent = len(agent.queue)
             self._display_next(agent, now, out)

@@ -350,6 +350,25 @@ def test_queue_and_display_timers_together_end_in_deadline_order():
     assert h.engine.next_deadline() > h.now
 
 
+def test_timers_of_one_deadline_end_in_the_order_they_were_set():
+    """A notification displayed from the queue gets a display deadline that can
+    fall on its old queue deadline. It then ends where its display timer was
+    set, after the queue timers set before that, not where its queue timer was.
+    """
+    h = setup(Limits(queue_timeout=60))
+    h.connect("s2", "a2")
+    a = offer(h, "r1")  # a1 displays a (120 s); b waits, queue deadline T0+60 s
+    b = offer(h, "r2", template=VOICE)  # a 30 s display timeout
+    offer(h, "r3", agent="a2")  # a2 displays one (120 s); c waits, queue deadline T0+60 s
+    c = offer(h, "r4", agent="a2", template=VOICE)
+    h.advance(30)
+    h.respond("s1", a, "Accept")  # b displayed: display deadline T0+60 s, its old queue deadline
+    assert h.engine.displayed("a1") == [b]
+    assert sent_to(h.log, "s1", f.Notification)[-1].expires_at == T0 + 60_000
+    out = h.at(T0 + 60_000)
+    assert [(e.notification_id, e.outcome) for e in ended(out)] == [(c, QUEUE_TIME_LIMIT), (b, DISPLAY_TIMEOUT)]
+
+
 def test_next_deadline_skips_ended_notifications():
     h = setup()
     a = offer(h, "r1")

@@ -16,7 +16,7 @@ def test_timer_heap_and_recent_outcomes_stay_bounded():
         engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), now)
     assert engine.outcomes == 20_000
     # Each accepted offer left a display timer behind; they are swept.
-    assert engine._timer_count <= 4097
+    assert engine._timers.size <= 4097
     assert len(engine._recent) == 500
     assert engine.next_deadline() is None
 
