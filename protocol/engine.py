@@ -493,11 +493,12 @@ class Engine:
         return out
 
     def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float, out: list[Effect]) -> None:
+        """Refuse ``frame`` with an error, or make its notification and place it."""
         integrator = self._integrators[conn]
         rid = frame.request_id
         inp = frame.input
-        template = self.templates.get(inp.template_name)
-        if template is None:
+        render = self._renderers.get(inp.template_name)
+        if render is None:
             out.append(Send((conn,), _notify_error(rid, "NotificationTemplateNotFoundError",
                                                    f"no template named {inp.template_name!r}")))
             return
@@ -520,10 +521,6 @@ class Engine:
             out.append(Send((conn,), _notify_error(rid, "AgentNotConnectedError",
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
-
-        render = self._renderers.get(inp.template_name)
-        if render is None or render.template is not template:  # templates changed since
-            render = self._renderers[inp.template_name] = Renderer(template)
         title, fields = render(inp.template_parameters)
         n = _Notification(
             id=self._new_id(),
@@ -534,23 +531,29 @@ class Engine:
             token=token,
             correlation_id=frame.correlation_id,
             progress=frame.progress,
-            template=template,
+            template=render.template,
             title=title,
             fields=fields,
         )
+        self._place(n, now, out)
+
+    def _place(self, n: _Notification, now: float, out: list[Effect]) -> None:
+        """Display a new notification, queue it, or end it if the queue is full."""
+        agent = n.agent
         limits = self.limits
         if len(agent.displayed) >= limits.display_limit and len(agent.queue) >= limits.queue_limit:
             self._end(n, QUEUE_LIMIT, now, out)
             return
+        conn = n.owner
         self._live[n.id] = n
-        self._tokens[(integrator, token)] = n
+        self._tokens[(n.integrator, n.token)] = n
         owned = self._owned.get(conn)
         if owned is None:
             owned = self._owned[conn] = set()
         owned.add(n)
         if n.progress:
-            out.append(Send((conn,), f.Status(request_id=rid, notification_id=n.id, cancellation_token=token,
-                                              state="queued")))
+            out.append(Send((conn,), f.Status(request_id=n.request_id, notification_id=n.id,
+                                              cancellation_token=n.token, state="queued")))
         if len(agent.displayed) < limits.display_limit:
             self._display(n, now, out)
         else:
@@ -646,7 +649,7 @@ class Engine:
         t = n.template
         n.state = DISPLAYED
         n.deadline = when = self._deadline(now, t.timeout)
-        n.frame = f.Notification(
+        n.frame = frame = f.Notification(
             notification_id=n.id,
             template_name=t.name,
             title=n.title,
@@ -662,7 +665,7 @@ class Engine:
         )
         agent.displayed.append(n)
         if agent.sessions:
-            out.append(Send(tuple(agent.sessions), n.frame))
+            out.append(Send(tuple(agent.sessions), frame))
         if n.progress and n.owner is not None:
             out.append(Send((n.owner,), f.Status(request_id=n.request_id, notification_id=n.id,
                                                  cancellation_token=n.token, state="displayed")))
