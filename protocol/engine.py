@@ -1,10 +1,12 @@
 """The notification lifecycle: a pure, synchronous state machine.
 
+This module owns what the server knows about agents, their sessions,
+integrator connections and notifications, and decides every outcome.
+
 Theory of operation
 -------------------
-The engine knows agents, their sessions, integrator connections and
-notifications. It does no I/O and reads no clock: every call takes ``now``
-(epoch milliseconds, supplied by the caller) and returns a list of *effects*:
+The engine does no I/O and reads no clock: every call takes ``now`` (epoch
+milliseconds, supplied by the caller) and returns a list of *effects*:
 ``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
 logging and metrics). Each call makes its own list and hands it to the helpers
 that add to it, so what a call returns is exactly what it did. Connections are
@@ -158,12 +160,15 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
 
 
 class State(enum.Enum):
+    """Where a notification is in its lifecycle (see the module docstring)."""
+
     QUEUED = "queued"
     DISPLAYED = "displayed"
     ENDED = "ended"
 
 
-# Module constants: a global is read several times faster than an Enum member.
+# Module constants: the hot paths read these as globals, cheaper than looking
+# up a member of the Enum each time.
 QUEUED, DISPLAYED, ENDED = State.QUEUED, State.DISPLAYED, State.ENDED
 
 
@@ -203,6 +208,8 @@ class _Remembered(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(slots=True, eq=False)
 class _Agent:
+    """An agent with a session, or within its presence grace, or restored and waiting for one."""
+
     id: str
     sessions: dict[Conn, str] = field(default_factory=dict)
     displayed: list[_Notification] = field(default_factory=list)
@@ -333,14 +340,14 @@ class Engine:
         self.limits = limits
         self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
-        self._sessions: dict[Conn, _Agent] = {}
-        self._integrators: dict[Conn, str] = {}
-        self._owned: dict[Conn, set[_Notification]] = {}
-        self._live: dict[str, _Notification] = {}
-        self._tokens: dict[tuple[str, str], _Notification] = {}  # by (integrator, token)
-        self._recent: OrderedDict[str, _Remembered] = OrderedDict()
-        self._recent_tokens: dict[tuple[str, str], _Remembered] = {}
-        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
+        self._sessions: dict[Conn, _Agent] = {}  # agent session -> its agent
+        self._integrators: dict[Conn, str] = {}  # integrator connection -> integrator
+        self._owned: dict[Conn, set[_Notification]] = {}  # connection -> pending ones it is owed results of
+        self._live: dict[str, _Notification] = {}  # every pending notification, by id
+        self._tokens: dict[tuple[str, str], _Notification] = {}  # the same, by (integrator, token)
+        self._recent: OrderedDict[str, _Remembered] = OrderedDict()  # ended, oldest first, by id
+        self._recent_tokens: dict[tuple[str, str], _Remembered] = {}  # the same, by (integrator, token)
+        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}  # by integrator
         self._timers: Timers[_Timer] = Timers(_timer_stands)
         self.outcomes = 0
 
@@ -419,6 +426,7 @@ class Engine:
         return out
 
     def agent_disconnected(self, conn: Conn, now: float) -> list[Effect]:
+        """A session closed. The agent's last one starts the presence grace; nothing is sent."""
         agent = self._sessions.pop(conn, None)
         if agent is None:
             return []
