@@ -212,6 +212,7 @@ class _Agent:
 
     id: str
     sessions: dict[Conn, str] = field(default_factory=dict)
+    targets: tuple[Conn, ...] = ()  # tuple(sessions), kept with them: what a Send to all of them takes
     displayed: list[_Notification] = field(default_factory=list)
     queue: deque[_Notification] = field(default_factory=deque)
     grace_deadline: float | None = None
@@ -414,6 +415,7 @@ class Engine:
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
         agent.sessions[conn] = session_id
+        agent.targets = tuple(agent.sessions)
         agent.grace_deadline = None
         self._sessions[conn] = agent
         target = (conn,)
@@ -431,6 +433,7 @@ class Engine:
         if agent is None:
             return []
         del agent.sessions[conn]
+        agent.targets = tuple(agent.sessions)
         if not agent.sessions:
             when = now + self.limits.presence_grace * 1000.0
             agent.grace_deadline = when
@@ -672,8 +675,8 @@ class Engine:
             correlation_id=n.correlation_id,
         )
         agent.displayed.append(n)
-        if agent.sessions:
-            out.append(Send(tuple(agent.sessions), frame))
+        if agent.targets:
+            out.append(Send(agent.targets, frame))
         if n.progress and n.owner is not None:
             out.append(Send((n.owner,), f.Status(request_id=n.request_id, notification_id=n.id,
                                                  cancellation_token=n.token, state="displayed")))
@@ -692,15 +695,16 @@ class Engine:
         owner = n.owner
         n.owner = None  # answered below (or unclaimed): owed nothing, and not kept open by a stale timer
         self.outcomes += 1
+        token_key = (integrator, n.token)
         if self._live.pop(n.id, None) is not None:
-            token_key = (integrator, n.token)
             if self._tokens.get(token_key) is n:
                 del self._tokens[token_key]
             if owner is not None:
                 owned = self._owned.get(owner)
                 if owned is not None:
                     owned.discard(n)
-        self._remember(n, outcome)
+        if self.limits.recent_outcomes:
+            self._remember(_Remembered(n.id, agent.id, integrator, n.token, outcome), token_key)
 
         delivered = owner is not None
         if delivered:
@@ -714,8 +718,8 @@ class Engine:
 
         if was is DISPLAYED:
             agent.displayed.remove(n)
-            if agent.sessions:
-                out.append(Send(tuple(agent.sessions), f.Resolved(
+            if agent.targets:
+                out.append(Send(agent.targets, f.Resolved(
                     notification_id=n.id, action_name=outcome.action_name,
                     response_reason=outcome.response_reason)))
             if agent.queue:
@@ -746,18 +750,16 @@ class Engine:
         queued = len(agent.queue)
         if queued != agent.queued_sent:
             agent.queued_sent = queued
-            if agent.sessions:
-                out.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
+            if agent.targets:
+                out.append(Send(agent.targets, f.QueueLength(queued=queued)))
 
-    def _remember(self, n: _Notification, outcome: Outcome) -> None:
-        cap = self.limits.recent_outcomes
-        if not cap:
-            return
-        ended = _Remembered(n.id, n.agent.id, n.integrator, n.token, outcome)
+    def _remember(self, ended: _Remembered, token_key: tuple[str, str]) -> None:
+        """Keep ``ended`` among the ``recent_outcomes``, forgetting the oldest beyond them."""
         recent = self._recent
         recent[ended.id] = ended
         tokens = self._recent_tokens
-        tokens[(ended.integrator, ended.token)] = ended
+        tokens[token_key] = ended
+        cap = self.limits.recent_outcomes
         while len(recent) > cap:
             _, old = recent.popitem(last=False)
             old_token = (old.integrator, old.token)
