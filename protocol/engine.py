@@ -608,6 +608,7 @@ class Engine:
         return out
 
     def _run_due(self, now: float, limit: int | None, out: list[Effect]) -> None:
+        """End what is due at ``now``, at most ``limit`` timers of it (None: all)."""
         timers = self._timers
         earliest = timers.earliest()
         if earliest is None or earliest > now:
@@ -635,16 +636,19 @@ class Engine:
         return -(-when // step) * step if step else when
 
     def _arm(self, when: float, timer: _Timer) -> None:
+        """Set ``timer`` for ``when``."""
         timers = self._timers
         # Timers of notifications that ended early stay until they surface;
         # sweep them when they outnumber what can still count, so memory
-        # follows what is pending, not the rate of offers.
+        # follows what is pending, not the rate of offers. (Not while a run
+        # of timers is under way: Timers.sweep waits, and the next _arm asks again.)
         size = timers.size
         if size > _SWEEP_ABOVE and size > 2 * (len(self._live) + len(self._agents)):
             timers.sweep()
         timers.add(when, timer)
 
     def _grace_expired(self, agent: _Agent, now: float, out: list[Effect]) -> None:
+        """No session came back in time: end what the agent had pending and forget it."""
         agent.grace_deadline = None
         for n in list(agent.queue) + list(agent.displayed):
             if n.state is not ENDED:
@@ -656,6 +660,7 @@ class Engine:
     # Transitions
 
     def _display(self, n: _Notification, now: float, out: list[Effect]) -> None:
+        """Show ``n`` to every session of its agent and start its display deadline."""
         agent = n.agent
         t = n.template
         n.state = DISPLAYED
@@ -747,6 +752,7 @@ class Engine:
             self._queue_changed(agent, out)
 
     def _queue_changed(self, agent: _Agent, out: list[Effect]) -> None:
+        """Tell the agent's sessions the queue length, if it differs from the last one told."""
         queued = len(agent.queue)
         if queued != agent.queued_sent:
             agent.queued_sent = queued
