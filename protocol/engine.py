@@ -92,6 +92,9 @@ from .vocabulary import (
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
+    AgentErrorCode,
+    ErrorMessage,
+    MsdynName,
     Outcome,
 )
 
@@ -299,17 +302,17 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     notifications: tuple[SavedNotification, ...] = ()
 
 
-def _notify_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
     return f.IntegratorError(
         request_id=request_id,
-        error=f.ErrorBody(message=message, msdyn_name="NotifyEvent", details=details),
+        error=f.ErrorBody(message=message, msdyn_name=MsdynName.NOTIFY_EVENT, details=details),
     )
 
 
-def _cancel_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+def _cancel_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
     return f.IntegratorError(
         request_id=request_id,
-        error=f.ErrorBody(message=message, msdyn_name="CancelEvent", details=details),
+        error=f.ErrorBody(message=message, msdyn_name=MsdynName.CANCEL_EVENT, details=details),
     )
 
 
@@ -450,7 +453,7 @@ class Engine:
             case f.Ping():
                 out.append(Send((conn,), f.Pong(server_time=int(now))))
             case f.AgentHello():
-                out.append(Send((conn,), f.AgentError(code="AlreadyAuthenticated",
+                out.append(Send((conn,), f.AgentError(code=AgentErrorCode.ALREADY_AUTHENTICATED,
                                                       message="hello was already accepted")))
         return out
 
@@ -461,14 +464,14 @@ class Engine:
         if n is None or n.agent is not agent:
             ended = self._recent.get(nid)
             if ended is not None and ended.agent_id == (agent.id if agent else None):
-                code = "NotificationNotPending"
+                code = AgentErrorCode.NOTIFICATION_NOT_PENDING
                 msg = f"notification already ended: {ended.outcome.action_name}/{ended.outcome.response_reason}"
             else:
-                code, msg = "UnknownNotification", "no such notification for this agent"
+                code, msg = AgentErrorCode.UNKNOWN_NOTIFICATION, "no such notification for this agent"
             out.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
             return
         if n.state is not DISPLAYED:
-            out.append(Send((conn,), f.AgentError(code="NotificationNotDisplayed",
+            out.append(Send((conn,), f.AgentError(code=AgentErrorCode.NOTIFICATION_NOT_DISPLAYED,
                                                   message="notification is not displayed", notification_id=nid)))
             return
         self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now, out)
@@ -499,7 +502,7 @@ class Engine:
                 self._cancel(conn, frame, now, out)
             case f.IntegratorHello():
                 out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
-                    message="RejectAfterClientError", msdyn_name="NotifyEvent",
+                    message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,
                     details="hello was already accepted"))))
         return out
 
@@ -510,26 +513,26 @@ class Engine:
         inp = frame.input
         render = self._renderers.get(inp.template_name)
         if render is None:
-            out.append(Send((conn,), _notify_error(rid, "NotificationTemplateNotFoundError",
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.TEMPLATE_NOT_FOUND,
                                                    f"no template named {inp.template_name!r}")))
             return
         token = inp.cancellation_token
         if frame.cancellation_token is not None:
             if token is not None and token != frame.cancellation_token:
                 out.append(Send((conn,), _notify_error(
-                    rid, "RejectAfterClientError",
+                    rid, ErrorMessage.REJECT_AFTER_CLIENT,
                     "cancellationToken in input and beside it differ - at $.cancellationToken")))
                 return
             token = frame.cancellation_token
         if token is None:
             token = self._new_id()
         elif (integrator, token) in self._tokens:
-            out.append(Send((conn,), _notify_error(rid, "CancellationTokenInUseError",
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.TOKEN_IN_USE,
                                                    f"cancellationToken {token!r} belongs to a pending notification")))
             return
         agent = self._agents.get(frame.agent_id)
         if agent is None:
-            out.append(Send((conn,), _notify_error(rid, "AgentNotConnectedError",
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.AGENT_NOT_CONNECTED,
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
         title, fields = render(inp.template_parameters)
@@ -584,7 +587,7 @@ class Engine:
         else:
             ended = self._recent_tokens.get((integrator, token))
             if ended is None:
-                out.append(Send((conn,), _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
+                out.append(Send((conn,), _cancel_error(frame.request_id, ErrorMessage.TOKEN_NOT_FOUND,
                                                        f"no notification with cancellationToken {token!r}")))
                 return
             outcome = ended.outcome
