@@ -1,6 +1,9 @@
-"""deskpush's sans-I/O core: the wire frames and the notification engine.
+"""deskpush's sans-I/O core: the wire frames, their vocabulary and the notification engine.
 
 Nothing here does I/O or reads a clock; the server passes ``now`` in.
+``frames`` holds the wire frames, ``vocabulary`` every name they carry,
+``templates`` the notification templates, ``engine`` the lifecycle and
+``timers`` the deadlines it keeps.
 """
 
 from .engine import (

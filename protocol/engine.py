@@ -1,13 +1,21 @@
 """The notification lifecycle: a pure, synchronous state machine.
 
+This module owns what the server knows about agents, their sessions,
+integrator connections and notifications, and decides every outcome.
+
 Theory of operation
 -------------------
-The engine knows agents, their sessions, integrator connections and
-notifications. It does no I/O and reads no clock: every call takes ``now``
-(epoch milliseconds, supplied by the caller) and returns a list of *effects*:
+The engine does no I/O and reads no clock: every call takes ``now`` (epoch
+milliseconds, supplied by the caller) and returns a list of *effects*:
 ``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
-logging and metrics). Connections are opaque hashable handles chosen by the
-caller. ``next_deadline()`` says when ``handle_timer(now)`` must next be called.
+logging and metrics). Each call makes its own list and hands it to the helpers
+that add to it, so what a call returns is exactly what it did. Connections are
+opaque hashable handles chosen by the caller. ``next_deadline()`` says when
+``handle_timer(now)`` must next be called.
+
+An integrator is named by the API key its connection authenticated with
+(``integrator`` everywhere below): its connections share cancellation tokens
+and unclaimed outcomes.
 
 A notification moves through::
 
@@ -43,10 +51,14 @@ When an agent's last session drops, its timers keep running; a session that
 returns within ``presence_grace`` gets the displayed notifications replayed. If
 none returns, every pending notification ends with Reject/AgentDisconnected and
 the agent is forgotten. An integrator that disconnects does not cancel its
-notifications: their outcomes are kept (bounded) in ``unclaimed(key)``.
+notifications: their outcomes are kept (bounded) in ``unclaimed(integrator)``.
 
-Ended notifications are remembered (bounded by ``recent_outcomes``) so a late
-respond or cancelEvent still gets a definite answer.
+Ended notifications are remembered (bounded by ``recent_outcomes``) as a small
+record, so a late respond or cancelEvent still gets a definite answer.
+
+The deadlines (a queued notification's, a displayed one's, an agent's presence
+grace) are held in a ``timers.Timers``; ``_timer_stands`` is the one rule that
+says whether a timer still counts.
 
 An event can arrive at a ``now`` past a deadline before the caller's timer has
 called ``handle_timer``. So the events whose answer depends on the time (agent
@@ -58,19 +70,19 @@ revive anything, whatever order the caller's timer and sockets happened to run.
 from __future__ import annotations
 
 import enum
-import heapq
 import itertools
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from . import frames as f
 from .templates import Renderer, Template
+from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
     AGENT_DISCONNECTED,
@@ -80,6 +92,9 @@ from .vocabulary import (
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
+    AgentErrorCode,
+    ErrorMessage,
+    MsdynName,
     Outcome,
 )
 
@@ -118,7 +133,7 @@ class Send(msgspec.Struct, frozen=True, gc=False):
     """Send ``frame`` to each connection in ``targets``."""
 
     targets: tuple[Conn, ...]
-    frame: Any
+    frame: f.Outbound
 
 
 class Ended(msgspec.Struct, frozen=True, gc=False):
@@ -148,21 +163,26 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
 
 
 class State(enum.Enum):
+    """Where a notification is in its lifecycle (see the module docstring)."""
+
     QUEUED = "queued"
     DISPLAYED = "displayed"
     ENDED = "ended"
 
 
-# Module constants: a global is read several times faster than an Enum member.
+# Module constants: the hot paths read these as globals, cheaper than looking
+# up a member of the Enum each time.
 QUEUED, DISPLAYED, ENDED = State.QUEUED, State.DISPLAYED, State.ENDED
 
 
 @dataclass(slots=True, eq=False)
 class _Notification:
+    """A pending notification, from notifyEvent until its outcome."""
+
     id: str
     agent: _Agent
-    key: str
-    owner: Conn | None
+    integrator: str
+    owner: Conn | None  # the connection owed its result; None once sent, or if the connection went
     request_id: str
     token: str
     correlation_id: str | None
@@ -171,20 +191,89 @@ class _Notification:
     title: str
     fields: tuple[f.Field, ...]
     state: State = QUEUED
-    deadline: float = 0.0
-    frame: f.Notification | None = None
-    outcome: Outcome | None = None
+    deadline: float = 0.0  # of the queue while QUEUED, of the display while DISPLAYED
+    frame: f.Notification | None = None  # the card, once displayed
+
+
+class _Remembered(msgspec.Struct, frozen=True, gc=False):
+    """What is kept of an ended notification: enough to answer a late respond or cancelEvent.
+
+    Not the card nor the connection that asked: there are ``recent_outcomes``
+    of these (100,000 by default), and a closed connection must be freed.
+    """
+
+    id: str
+    agent_id: str
+    integrator: str
+    token: str
+    outcome: Outcome
 
 
 @dataclass(slots=True, eq=False)
 class _Agent:
+    """An agent with a session, or within its presence grace, or restored and waiting for one."""
+
     id: str
     sessions: dict[Conn, str] = field(default_factory=dict)
+    targets: tuple[Conn, ...] = ()  # tuple(sessions), kept with them: what a Send to all of them takes
     displayed: list[_Notification] = field(default_factory=list)
     queue: deque[_Notification] = field(default_factory=deque)
     grace_deadline: float | None = None
     queued_sent: int = 0
     draining: bool = False
+
+
+# The three kinds of timer. A timer names its kind rather than leaving it to
+# the state of what it points at: a notification displayed from the queue can
+# get a display deadline equal to its queue deadline, and its display timer
+# must then run in its own place among the timers of that deadline, not in
+# the place of its stale queue timer. ``gc=False``: only the Timers hold a
+# timer, so it cannot be part of a reference cycle.
+
+
+class _QueueTimer(msgspec.Struct, frozen=True, gc=False):
+    """A queued notification's queue deadline: it ends with QUEUE_TIME_LIMIT."""
+
+    notification: _Notification
+
+
+class _DisplayTimer(msgspec.Struct, frozen=True, gc=False):
+    """A displayed notification's display deadline: it ends with DISPLAY_TIMEOUT."""
+
+    notification: _Notification
+
+
+class _GraceTimer(msgspec.Struct, frozen=True, gc=False):
+    """The end of the presence grace of an agent without a session."""
+
+    agent: _Agent
+
+
+_Timer = _QueueTimer | _DisplayTimer | _GraceTimer
+
+
+def _timer_stands(when: float, timer: _Timer) -> bool:
+    """Whether ``timer``, set for ``when``, still counts: the one validity rule.
+
+    A notification's timer goes stale when the notification leaves the state
+    it was set for (displayed, or ended), an agent's when a session comes
+    back (or a later drop sets a new grace). Nothing is removed from the
+    timers at those moments; this is asked instead.
+    """
+    kind = type(timer)
+    if kind is _DisplayTimer:
+        n = timer.notification
+        return n.state is DISPLAYED and n.deadline == when
+    if kind is _QueueTimer:
+        n = timer.notification
+        return n.state is QUEUED and n.deadline == when
+    agent = timer.agent
+    return agent.grace_deadline == when and not agent.sessions
+
+
+# Timers that went stale stay until they surface. They are swept when there
+# are more than this many, and more than twice as many as could still count.
+_SWEEP_ABOVE = 4096
 
 
 class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
@@ -213,21 +302,17 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     notifications: tuple[SavedNotification, ...] = ()
 
 
-# Timer kinds in the deadline heap.
-_QUEUE, _DISPLAY, _GRACE = 0, 1, 2
-
-
-def _notify_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
     return f.IntegratorError(
         request_id=request_id,
-        error=f.ErrorBody(message=message, msdyn_name="NotifyEvent", details=details),
+        error=f.ErrorBody(message=message, msdyn_name=MsdynName.NOTIFY_EVENT, details=details),
     )
 
 
-def _cancel_error(request_id: str, message: str, details: str = "") -> f.IntegratorError:
+def _cancel_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
     return f.IntegratorError(
         request_id=request_id,
-        error=f.ErrorBody(message=message, msdyn_name="CancelEvent", details=details),
+        error=f.ErrorBody(message=message, msdyn_name=MsdynName.CANCEL_EVENT, details=details),
     )
 
 
@@ -237,7 +322,7 @@ def id_factory() -> Callable[[], str]:
     A uuid4 per id costs a getrandom() system call, twice per notifyEvent; the
     ids need to be unique (across restarts too, hence the prefix), not secret:
     a notification answers only to its own agent and a cancellation token only
-    to its own integrator key.
+    to its own integrator.
     """
     prefix = uuid.uuid4().hex[:16]
     counter = itertools.count(1)
@@ -259,23 +344,15 @@ class Engine:
         self.limits = limits
         self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
-        self._sessions: dict[Conn, _Agent] = {}
-        self._integrators: dict[Conn, str] = {}
-        self._owned: dict[Conn, set[_Notification]] = {}
-        self._live: dict[str, _Notification] = {}
-        self._tokens: dict[tuple[str, str], _Notification] = {}
-        self._recent: OrderedDict[str, _Notification] = OrderedDict()
-        self._recent_tokens: dict[tuple[str, str], _Notification] = {}
-        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}
-        # Timers, grouped by when they fire: deadlines rounded to
-        # timer_resolution fall on a grid, so thousands share one group.
-        # Adding a timer is an append, running one a popleft, and the heap
-        # orders only the distinct times (not 20,000 tuples in a burst).
-        self._timers: dict[float, deque[tuple[int, Any]]] = {}
-        self._times: list[float] = []  # heap of the keys of _timers
-        self._timer_count = 0
-        self._running_timers = False  # _run_due holds _timers' groups: no sweep
-        self._effects: list[Effect] = []
+        self._sessions: dict[Conn, _Agent] = {}  # agent session -> its agent
+        self._integrators: dict[Conn, str] = {}  # integrator connection -> integrator
+        self._owned: dict[Conn, set[_Notification]] = {}  # connection -> pending ones it is owed results of
+        self._live: dict[str, _Notification] = {}  # every pending notification, by id
+        self._tokens: dict[tuple[str, str], _Notification] = {}  # the same, by (integrator, token)
+        self._recent: OrderedDict[str, _Remembered] = OrderedDict()  # ended, oldest first, by id
+        self._recent_tokens: dict[tuple[str, str], _Remembered] = {}  # the same, by (integrator, token)
+        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}  # by integrator
+        self._timers: Timers[_Timer] = Timers(_timer_stands)
         self.outcomes = 0
 
     # ------------------------------------------------------------------
@@ -283,21 +360,7 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must next run (epoch ms), or None."""
-        times = self._times
-        timers = self._timers
-        valid = self._timer_valid
-        while times:
-            when = times[0]
-            group = timers[when]
-            while group:
-                kind, ref = group[0]
-                if valid(when, kind, ref):
-                    return when
-                group.popleft()
-                self._timer_count -= 1
-            heapq.heappop(times)
-            del timers[when]
-        return None
+        return self._timers.next_deadline()
 
     def deadline_floor(self) -> float | None:
         """A time no later than ``next_deadline()`` (None: no deadline at all), in O(1).
@@ -307,8 +370,7 @@ class Engine:
         caller that only needs to know whether its timer is still early
         enough can ask this instead.
         """
-        times = self._times
-        return times[0] if times else None
+        return self._timers.earliest()
 
     def is_agent_present(self, agent_id: str) -> bool:
         return agent_id in self._agents
@@ -322,16 +384,18 @@ class Engine:
         return [n.id for n in agent.queue] if agent else []
 
     def state_of(self, notification_id: str) -> State | None:
-        n = self._live.get(notification_id) or self._recent.get(notification_id)
-        return n.state if n else None
+        n = self._live.get(notification_id)
+        if n is not None:
+            return n.state
+        return ENDED if notification_id in self._recent else None
 
     def outcome_of(self, notification_id: str) -> Outcome | None:
-        n = self._recent.get(notification_id)
-        return n.outcome if n else None
+        ended = self._recent.get(notification_id)
+        return ended.outcome if ended is not None else None
 
-    def unclaimed(self, key: str) -> list[tuple[str, Outcome]]:
+    def unclaimed(self, integrator: str) -> list[tuple[str, Outcome]]:
         """Outcomes whose integrator connection was gone: (requestId, outcome)."""
-        return list(self._unclaimed.get(key, ()))
+        return list(self._unclaimed.get(integrator, ()))
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -348,14 +412,15 @@ class Engine:
 
     def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
         """A session authenticated as ``agent_id``: welcome it and replay."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
         agent.sessions[conn] = session_id
+        agent.targets = tuple(agent.sessions)
         agent.grace_deadline = None
         self._sessions[conn] = agent
-        out = self._effects
         target = (conn,)
         out.append(Send(target, f.Welcome(agent_id=agent_id, session_id=session_id, server_time=int(now),
                                           displayed=tuple(n.id for n in agent.displayed))))
@@ -363,60 +428,60 @@ class Engine:
             out.append(Send(target, n.frame))
         if agent.queue:
             out.append(Send(target, f.QueueLength(queued=len(agent.queue))))
-        return self._flush()
+        return out
 
     def agent_disconnected(self, conn: Conn, now: float) -> list[Effect]:
+        """A session closed. The agent's last one starts the presence grace; nothing is sent."""
         agent = self._sessions.pop(conn, None)
         if agent is None:
             return []
         del agent.sessions[conn]
+        agent.targets = tuple(agent.sessions)
         if not agent.sessions:
             when = now + self.limits.presence_grace * 1000.0
             agent.grace_deadline = when
-            self._push(when, _GRACE, agent)
-        return self._flush()
+            self._arm(when, _GraceTimer(agent))
+        return []
 
-    def agent_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+    def agent_frame(self, conn: Conn, frame: f.AgentInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated agent session."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         match frame:
             case f.Respond():
-                self._respond(conn, frame, now)
+                self._respond(conn, frame, now, out)
             case f.Ping():
-                self._effects.append(Send((conn,), f.Pong(server_time=int(now))))
+                out.append(Send((conn,), f.Pong(server_time=int(now))))
             case f.AgentHello():
-                self._effects.append(
-                    Send((conn,), f.AgentError(code="AlreadyAuthenticated", message="hello was already accepted"))
-                )
-        return self._flush()
+                out.append(Send((conn,), f.AgentError(code=AgentErrorCode.ALREADY_AUTHENTICATED,
+                                                      message="hello was already accepted")))
+        return out
 
-    def _respond(self, conn: Conn, frame: f.Respond, now: float) -> None:
+    def _respond(self, conn: Conn, frame: f.Respond, now: float, out: list[Effect]) -> None:
         agent = self._sessions.get(conn)
         nid = frame.notification_id
         n = self._live.get(nid)
         if n is None or n.agent is not agent:
             ended = self._recent.get(nid)
-            if ended is not None and ended.agent.id == (agent.id if agent else None):
-                code = "NotificationNotPending"
+            if ended is not None and ended.agent_id == (agent.id if agent else None):
+                code = AgentErrorCode.NOTIFICATION_NOT_PENDING
                 msg = f"notification already ended: {ended.outcome.action_name}/{ended.outcome.response_reason}"
             else:
-                code, msg = "UnknownNotification", "no such notification for this agent"
-            self._effects.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
+                code, msg = AgentErrorCode.UNKNOWN_NOTIFICATION, "no such notification for this agent"
+            out.append(Send((conn,), f.AgentError(code=code, message=msg, notification_id=nid)))
             return
         if n.state is not DISPLAYED:
-            self._effects.append(
-                Send((conn,), f.AgentError(code="NotificationNotDisplayed", message="notification is not displayed",
-                                           notification_id=nid))
-            )
+            out.append(Send((conn,), f.AgentError(code=AgentErrorCode.NOTIFICATION_NOT_DISPLAYED,
+                                                  message="notification is not displayed", notification_id=nid)))
             return
-        self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now)
+        self._end(n, ACCEPTED if frame.action == "Accept" else DECLINED, now, out)
 
     # ------------------------------------------------------------------
     # Integrator events
 
-    def integrator_connected(self, conn: Conn, key: str, now: float) -> list[Effect]:
-        """A connection authenticated with the API key named ``key``."""
-        self._integrators[conn] = key
+    def integrator_connected(self, conn: Conn, integrator: str, now: float) -> list[Effect]:
+        """A connection authenticated with the API key named ``integrator``."""
+        self._integrators[conn] = integrator
         return []
 
     def integrator_disconnected(self, conn: Conn, now: float) -> list[Effect]:
@@ -426,105 +491,111 @@ class Engine:
             n.owner = None
         return []
 
-    def integrator_frame(self, conn: Conn, frame: Any, now: float) -> list[Effect]:
+    def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
-        self._run_due(now)
+        out: list[Effect] = []
+        self._run_due(now, None, out)
         match frame:
             case f.NotifyEvent():
-                self._notify(conn, frame, now)
+                self._notify(conn, frame, now, out)
             case f.CancelEvent():
-                self._cancel(conn, frame, now)
+                self._cancel(conn, frame, now, out)
             case f.IntegratorHello():
-                self._effects.append(
-                    Send((conn,), f.IntegratorError(error=f.ErrorBody(
-                        message="RejectAfterClientError", msdyn_name="NotifyEvent",
-                        details="hello was already accepted")))
-                )
-        return self._flush()
+                out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
+                    message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,
+                    details="hello was already accepted"))))
+        return out
 
-    def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float) -> None:
-        key = self._integrators[conn]
+    def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float, out: list[Effect]) -> None:
+        """Refuse ``frame`` with an error, or make its notification and place it."""
+        integrator = self._integrators[conn]
         rid = frame.request_id
         inp = frame.input
-        template = self.templates.get(inp.template_name)
-        if template is None:
-            self._reply(conn, _notify_error(rid, "NotificationTemplateNotFoundError",
-                                            f"no template named {inp.template_name!r}"))
+        render = self._renderers.get(inp.template_name)
+        if render is None:
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.TEMPLATE_NOT_FOUND,
+                                                   f"no template named {inp.template_name!r}")))
             return
         token = inp.cancellation_token
         if frame.cancellation_token is not None:
             if token is not None and token != frame.cancellation_token:
-                self._reply(conn, _notify_error(rid, "RejectAfterClientError",
-                                                "cancellationToken in input and beside it differ - at $.cancellationToken"))
+                out.append(Send((conn,), _notify_error(
+                    rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                    "cancellationToken in input and beside it differ - at $.cancellationToken")))
                 return
             token = frame.cancellation_token
         if token is None:
             token = self._new_id()
-        elif (key, token) in self._tokens:
-            self._reply(conn, _notify_error(rid, "CancellationTokenInUseError",
-                                            f"cancellationToken {token!r} belongs to a pending notification"))
+        elif (integrator, token) in self._tokens:
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.TOKEN_IN_USE,
+                                                   f"cancellationToken {token!r} belongs to a pending notification")))
             return
         agent = self._agents.get(frame.agent_id)
         if agent is None:
-            self._reply(conn, _notify_error(rid, "AgentNotConnectedError",
-                                            f"agent {frame.agent_id!r} is not connected"))
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.AGENT_NOT_CONNECTED,
+                                                   f"agent {frame.agent_id!r} is not connected")))
             return
-
-        render = self._renderers.get(inp.template_name)
-        if render is None or render.template is not template:  # templates changed since
-            render = self._renderers[inp.template_name] = Renderer(template)
         title, fields = render(inp.template_parameters)
         n = _Notification(
             id=self._new_id(),
             agent=agent,
-            key=key,
+            integrator=integrator,
             owner=conn,
             request_id=rid,
             token=token,
             correlation_id=frame.correlation_id,
             progress=frame.progress,
-            template=template,
+            template=render.template,
             title=title,
             fields=fields,
         )
+        self._place(n, now, out)
+
+    def _place(self, n: _Notification, now: float, out: list[Effect]) -> None:
+        """Display a new notification, queue it, or end it if the queue is full."""
+        agent = n.agent
         limits = self.limits
         if len(agent.displayed) >= limits.display_limit and len(agent.queue) >= limits.queue_limit:
-            self._end(n, QUEUE_LIMIT, now)
+            self._end(n, QUEUE_LIMIT, now, out)
             return
+        conn = n.owner
         self._live[n.id] = n
-        self._tokens[(key, token)] = n
+        self._tokens[(n.integrator, n.token)] = n
         owned = self._owned.get(conn)
         if owned is None:
             owned = self._owned[conn] = set()
         owned.add(n)
         if n.progress:
-            self._reply(conn, f.Status(request_id=rid, notification_id=n.id, cancellation_token=token, state="queued"))
+            out.append(Send((conn,), f.Status(request_id=n.request_id, notification_id=n.id,
+                                              cancellation_token=n.token, state="queued")))
         if len(agent.displayed) < limits.display_limit:
-            self._display(n, now)
+            self._display(n, now, out)
         else:
             n.deadline = when = self._deadline(now, limits.queue_timeout)
             agent.queue.append(n)
-            self._push(when, _QUEUE, n)
-            self._queue_changed(agent)
+            self._arm(when, _QueueTimer(n))
+            self._queue_changed(agent, out)
 
-    def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float) -> None:
-        key = self._integrators[conn]
+    def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
+        """End the notification of the token if pending; answer with its outcome either way."""
+        integrator = self._integrators[conn]
         token = frame.cancellation_token
-        n = self._tokens.get((key, token))
+        n = self._tokens.get((integrator, token))
         if n is not None:
-            self._end(n, CANCELLED, now)
+            self._end(n, CANCELLED, now, out)
+            outcome = CANCELLED
         else:
-            n = self._recent_tokens.get((key, token))
-            if n is None:
-                self._reply(conn, _cancel_error(frame.request_id, "CancellationTokenNotFoundError",
-                                                f"no notification with cancellationToken {token!r}"))
+            ended = self._recent_tokens.get((integrator, token))
+            if ended is None:
+                out.append(Send((conn,), _cancel_error(frame.request_id, ErrorMessage.TOKEN_NOT_FOUND,
+                                                       f"no notification with cancellationToken {token!r}")))
                 return
-        outcome = n.outcome
-        self._reply(conn, f.Result(
+            outcome = ended.outcome
+        out.append(Send((conn,), f.Result(
             request_id=frame.request_id,
             value=f.CancelValue(cancellation_token=token, action_name=outcome.action_name,
                                 response_reason=outcome.response_reason),
-        ))
+        )))
 
     # ------------------------------------------------------------------
     # Time
@@ -535,47 +606,25 @@ class Engine:
         With a ``limit`` the caller can let I/O through between batches when
         thousands fall due at once; ``next_deadline()`` then is still <= now.
         """
-        self._run_due(now, limit)
-        return self._flush()
+        out: list[Effect] = []
+        self._run_due(now, limit, out)
+        return out
 
-    def _run_due(self, now: float, limit: int | None = None) -> None:
-        times = self._times
+    def _run_due(self, now: float, limit: int | None, out: list[Effect]) -> None:
+        """End what is due at ``now``, at most ``limit`` timers of it (None: all)."""
         timers = self._timers
-        valid = self._timer_valid
+        earliest = timers.earliest()
+        if earliest is None or earliest > now:
+            return  # the usual case for an event: nothing is due
         end = self._end
-        budget = -1 if limit is None else limit
-        self._running_timers = True
-        try:
-            while times and times[0] <= now and budget != 0:
-                when = times[0]
-                group = timers[when]
-                popleft = group.popleft
-                # A timer added meanwhile for ``when`` itself (only a
-                # zero-length one can be) joins this group and runs here too.
-                while group and budget != 0:
-                    budget -= 1
-                    kind, ref = popleft()
-                    self._timer_count -= 1
-                    if not valid(when, kind, ref):
-                        continue
-                    if kind == _DISPLAY:
-                        end(ref, DISPLAY_TIMEOUT, now)
-                    elif kind == _QUEUE:
-                        end(ref, QUEUE_TIME_LIMIT, now)
-                    else:
-                        self._grace_expired(ref, now)
-                if not group:
-                    heapq.heappop(times)
-                    del timers[when]
-        finally:
-            self._running_timers = False
-
-    def _timer_valid(self, when: float, kind: int, ref: Any) -> bool:
-        if kind == _GRACE:
-            return ref.grace_deadline == when and not ref.sessions
-        if kind == _DISPLAY:
-            return ref.state is DISPLAYED and ref.deadline == when
-        return ref.state is QUEUED and ref.deadline == when
+        for timer in timers.pop_due(now, limit):
+            kind = type(timer)
+            if kind is _DisplayTimer:
+                end(timer.notification, DISPLAY_TIMEOUT, now, out)
+            elif kind is _QueueTimer:
+                end(timer.notification, QUEUE_TIME_LIMIT, now, out)
+            else:
+                self._grace_expired(timer.agent, now, out)
 
     def _deadline(self, now: float, seconds: float) -> float:
         """``now`` plus ``seconds``, rounded up to a multiple of ``timer_resolution``.
@@ -589,50 +638,37 @@ class Engine:
         step = self.limits.timer_resolution * 1000.0
         return -(-when // step) * step if step else when
 
-    def _push(self, when: float, kind: int, ref: Any) -> None:
+    def _arm(self, when: float, timer: _Timer) -> None:
+        """Set ``timer`` for ``when``."""
+        timers = self._timers
         # Timers of notifications that ended early stay until they surface;
-        # drop them in one sweep when they outnumber the live ones, so memory
-        # follows what is pending, not the rate of offers.
-        count = self._timer_count
-        if (count > 4096 and count > 2 * (len(self._live) + len(self._agents))
-                and not self._running_timers):
-            self._sweep_timers()
-        group = self._timers.get(when)
-        if group is None:
-            group = self._timers[when] = deque()
-            heapq.heappush(self._times, when)
-        group.append((kind, ref))
-        self._timer_count += 1
+        # sweep them when they outnumber what can still count, so memory
+        # follows what is pending, not the rate of offers. (Not while a run
+        # of timers is under way: Timers.sweep waits, and the next _arm asks again.)
+        size = timers.size
+        if size > _SWEEP_ABOVE and size > 2 * (len(self._live) + len(self._agents)):
+            timers.sweep()
+        timers.add(when, timer)
 
-    def _sweep_timers(self) -> None:
-        valid = self._timer_valid
-        kept: dict[float, deque[tuple[int, Any]]] = {}
-        for when, group in self._timers.items():
-            alive = deque(t for t in group if valid(when, t[0], t[1]))
-            if alive:
-                kept[when] = alive
-        self._timers = kept
-        self._times = list(kept)
-        heapq.heapify(self._times)
-        self._timer_count = sum(len(g) for g in kept.values())
-
-    def _grace_expired(self, agent: _Agent, now: float) -> None:
+    def _grace_expired(self, agent: _Agent, now: float, out: list[Effect]) -> None:
+        """No session came back in time: end what the agent had pending and forget it."""
         agent.grace_deadline = None
         for n in list(agent.queue) + list(agent.displayed):
             if n.state is not ENDED:
-                self._end(n, AGENT_DISCONNECTED, now)
+                self._end(n, AGENT_DISCONNECTED, now, out)
         if not agent.sessions and self._agents.get(agent.id) is agent:
             del self._agents[agent.id]
 
     # ------------------------------------------------------------------
     # Transitions
 
-    def _display(self, n: _Notification, now: float) -> None:
+    def _display(self, n: _Notification, now: float, out: list[Effect]) -> None:
+        """Show ``n`` to every session of its agent and start its display deadline."""
         agent = n.agent
         t = n.template
         n.state = DISPLAYED
         n.deadline = when = self._deadline(now, t.timeout)
-        n.frame = f.Notification(
+        n.frame = frame = f.Notification(
             notification_id=n.id,
             template_name=t.name,
             title=n.title,
@@ -647,68 +683,60 @@ class Engine:
             correlation_id=n.correlation_id,
         )
         agent.displayed.append(n)
-        if agent.sessions:
-            self._effects.append(Send(tuple(agent.sessions), n.frame))
+        if agent.targets:
+            out.append(Send(agent.targets, frame))
         if n.progress and n.owner is not None:
-            self._reply(n.owner, f.Status(request_id=n.request_id, notification_id=n.id,
-                                          cancellation_token=n.token, state="displayed"))
+            out.append(Send((n.owner,), f.Status(request_id=n.request_id, notification_id=n.id,
+                                                 cancellation_token=n.token, state="displayed")))
         if t.auto_accept:
-            self._end(n, AUTO_ACCEPTED, now)
+            self._end(n, AUTO_ACCEPTED, now, out)
         else:
-            self._push(when, _DISPLAY, n)
+            self._arm(when, _DisplayTimer(n))
 
-    def _end(self, n: _Notification, outcome: Outcome, now: float) -> None:
+    def _end(self, n: _Notification, outcome: Outcome, now: float, out: list[Effect]) -> None:
         """The one place a notification gets its outcome."""
         was = n.state
         assert was is not ENDED, "a notification ends once"
         n.state = ENDED
-        n.outcome = outcome
         agent = n.agent
-        key = n.key
+        integrator = n.integrator
         owner = n.owner
-        out = self._effects
+        n.owner = None  # answered below (or unclaimed): owed nothing, and not kept open by a stale timer
         self.outcomes += 1
+        token_key = (integrator, n.token)
         if self._live.pop(n.id, None) is not None:
-            token_key = (key, n.token)
             if self._tokens.get(token_key) is n:
                 del self._tokens[token_key]
             if owner is not None:
                 owned = self._owned.get(owner)
                 if owned is not None:
                     owned.discard(n)
-        self._remember(n)
+        if self.limits.recent_outcomes:
+            self._remember(_Remembered(n.id, agent.id, integrator, n.token, outcome), token_key)
 
         delivered = owner is not None
         if delivered:
             out.append(Send((owner,), f.Result(request_id=n.request_id, value=_VALUES[outcome])))
         elif self.limits.unclaimed_outcomes:
-            box = self._unclaimed.get(key)
+            box = self._unclaimed.get(integrator)
             if box is None:
-                box = self._unclaimed[key] = deque(maxlen=self.limits.unclaimed_outcomes)
+                box = self._unclaimed[integrator] = deque(maxlen=self.limits.unclaimed_outcomes)
             box.append((n.request_id, outcome))
-        out.append(Ended(n.id, agent.id, key, n.correlation_id, outcome, delivered))
-
-        # Remembered ended notifications answer late responds and cancels
-        # from their id, agent, token and outcome; the card and the
-        # connection are not needed any more (100,000 of them by default).
-        n.frame = None
-        n.fields = ()
-        n.title = n.request_id = ""
-        n.correlation_id = n.owner = None
+        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
 
         if was is DISPLAYED:
             agent.displayed.remove(n)
-            if agent.sessions:
-                out.append(Send(tuple(agent.sessions), f.Resolved(
+            if agent.targets:
+                out.append(Send(agent.targets, f.Resolved(
                     notification_id=n.id, action_name=outcome.action_name,
                     response_reason=outcome.response_reason)))
             if agent.queue:
-                self._display_next(agent, now)
+                self._display_next(agent, now, out)
         elif was is QUEUED and n in agent.queue:
             agent.queue.remove(n)
-            self._queue_changed(agent)
+            self._queue_changed(agent, out)
 
-    def _display_next(self, agent: _Agent, now: float) -> None:
+    def _display_next(self, agent: _Agent, now: float, out: list[Effect]) -> None:
         # An auto-accept template ends as it is displayed, which lands back
         # here; the outer loop carries on instead of recursing once per item.
         if agent.draining:
@@ -720,32 +748,32 @@ class Engine:
             while agent.queue and len(agent.displayed) < limit:
                 n = agent.queue.popleft()
                 changed = True
-                self._display(n, now)
+                self._display(n, now, out)
         finally:
             agent.draining = False
         if changed:
-            self._queue_changed(agent)
+            self._queue_changed(agent, out)
 
-    def _queue_changed(self, agent: _Agent) -> None:
+    def _queue_changed(self, agent: _Agent, out: list[Effect]) -> None:
+        """Tell the agent's sessions the queue length, if it differs from the last one told."""
         queued = len(agent.queue)
         if queued != agent.queued_sent:
             agent.queued_sent = queued
-            if agent.sessions:
-                self._effects.append(Send(tuple(agent.sessions), f.QueueLength(queued=queued)))
+            if agent.targets:
+                out.append(Send(agent.targets, f.QueueLength(queued=queued)))
 
-    def _remember(self, n: _Notification) -> None:
-        cap = self.limits.recent_outcomes
-        if not cap:
-            return
+    def _remember(self, ended: _Remembered, token_key: tuple[str, str]) -> None:
+        """Keep ``ended`` among the ``recent_outcomes``, forgetting the oldest beyond them."""
         recent = self._recent
-        recent[n.id] = n
+        recent[ended.id] = ended
         tokens = self._recent_tokens
-        tokens[(n.key, n.token)] = n
+        tokens[token_key] = ended
+        cap = self.limits.recent_outcomes
         while len(recent) > cap:
             _, old = recent.popitem(last=False)
-            old_key = (old.key, old.token)
-            if tokens.get(old_key) is old:
-                del tokens[old_key]
+            old_token = (old.integrator, old.token)
+            if tokens.get(old_token) is old:
+                del tokens[old_token]
 
     # ------------------------------------------------------------------
     # Keeping pending notifications across a restart
@@ -756,7 +784,7 @@ class Engine:
         for agent in self._agents.values():
             for n in itertools.chain(agent.displayed, agent.queue):
                 saved.append(SavedNotification(
-                    id=n.id, agent_id=agent.id, integrator=n.key, request_id=n.request_id,
+                    id=n.id, agent_id=agent.id, integrator=n.integrator, request_id=n.request_id,
                     cancellation_token=n.token, correlation_id=n.correlation_id, progress=n.progress,
                     template=n.template, title=n.title, fields=n.fields, state=n.state.value,
                     deadline=n.deadline, frame=n.frame,
@@ -772,6 +800,7 @@ class Engine:
         unclaimed. A deadline that passed while the server was down fires at
         the next ``handle_timer``.
         """
+        out: list[Effect] = []
         grace = now + self.limits.presence_grace * 1000.0
         for s in snapshot.notifications:
             if s.id in self._live or (s.integrator, s.cancellation_token) in self._tokens:
@@ -779,33 +808,23 @@ class Engine:
             agent = self._agents.get(s.agent_id)
             if agent is None:
                 agent = self._agents[s.agent_id] = _Agent(s.agent_id, grace_deadline=grace)
-                self._push(grace, _GRACE, agent)
+                self._arm(grace, _GraceTimer(agent))
             n = _Notification(
-                id=s.id, agent=agent, key=s.integrator, owner=None, request_id=s.request_id,
+                id=s.id, agent=agent, integrator=s.integrator, owner=None, request_id=s.request_id,
                 token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
                 template=s.template, title=s.title, fields=s.fields, state=State(s.state),
                 deadline=s.deadline, frame=s.frame,
             )
             self._live[n.id] = n
-            self._tokens[(n.key, n.token)] = n
+            self._tokens[(n.integrator, n.token)] = n
             if n.state is DISPLAYED and n.frame is not None:
                 agent.displayed.append(n)
-                self._push(n.deadline, _DISPLAY, n)
+                self._arm(n.deadline, _DisplayTimer(n))
             else:
                 n.state = QUEUED
                 agent.queue.append(n)
-                self._push(n.deadline, _QUEUE, n)
+                self._arm(n.deadline, _QueueTimer(n))
         for agent in self._agents.values():
             agent.queued_sent = len(agent.queue)
-            self._display_next(agent, now)
-        return self._flush()
-
-    # ------------------------------------------------------------------
-
-    def _reply(self, conn: Conn, frame: Any) -> None:
-        self._effects.append(Send((conn,), frame))
-
-    def _flush(self) -> list[Effect]:
-        out = self._effects
-        self._effects = []
+            self._display_next(agent, now, out)
         return out

@@ -10,7 +10,9 @@ Decoder built once at import time:
 * ``AgentInbound``: what an agent desktop sends (hello, respond, ping).
 * ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent).
 
-Outbound frames are encoded by the single ``ENCODER``. Constraints
+The frames the server sends have their unions too, for typing (nothing decodes
+them here): ``AgentOutbound``, ``IntegratorOutbound`` and ``Outbound``, either.
+They are encoded by the single ``ENCODER``. Constraints
 (``Meta(max_length=...)``) apply only when decoding, so they bound what clients
 may send without costing anything on the way out.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "QueueLength",
     "Pong",
     "AgentError",
+    "AgentOutbound",
     "IntegratorHello",
     "NotifyInput",
     "NotifyEvent",
@@ -45,6 +48,8 @@ __all__ = [
     "Result",
     "ErrorBody",
     "IntegratorError",
+    "IntegratorOutbound",
+    "Outbound",
     "ENCODER",
     "AGENT_DECODER",
     "INTEGRATOR_DECODER",
@@ -147,6 +152,9 @@ class AgentError(_Frame, tag="error"):
     notification_id: str | None = None
 
 
+AgentOutbound = Union[Welcome, Notification, Resolved, QueueLength, Pong, AgentError]
+
+
 # --------------------------------------------------------------------------
 # Integrator endpoint, client -> server
 
@@ -220,6 +228,11 @@ class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
 class IntegratorError(_Frame, tag="error", omit_defaults=True):
     error: ErrorBody
     request_id: str | None = None
+
+
+IntegratorOutbound = Union[Status, Result, IntegratorError]
+
+Outbound = AgentOutbound | IntegratorOutbound
 
 
 # --------------------------------------------------------------------------

@@ -141,8 +141,8 @@ class Harness:
 
     # Integrators ----------------------------------------------------------
 
-    def integrator(self, conn: str, key: str = "k1") -> list[Effect]:
-        return self._record(self.engine.integrator_connected(conn, key, self.now))
+    def integrator(self, conn: str, integrator: str = "k1") -> list[Effect]:
+        return self._record(self.engine.integrator_connected(conn, integrator, self.now))
 
     def integrator_gone(self, conn: str) -> list[Effect]:
         return self._record(self.engine.integrator_disconnected(conn, self.now))

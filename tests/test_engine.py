@@ -50,7 +50,7 @@ def outcome_of_result(frame: f.Result) -> tuple[str, str]:
 
 
 def setup(limits: Limits = Limits(), **kw) -> Harness:
-    """Agent a1 on session s1, integrator i1 with key k1."""
+    """Agent a1 on session s1, connection i1 of integrator k1."""
     h = Harness(limits, **kw)
     h.connect("s1", "a1")
     h.integrator("i1", "k1")
@@ -350,6 +350,25 @@ def test_queue_and_display_timers_together_end_in_deadline_order():
     assert h.engine.next_deadline() > h.now
 
 
+def test_timers_of_one_deadline_end_in_the_order_they_were_set():
+    """A notification displayed from the queue gets a display deadline that can
+    fall on its old queue deadline. It then ends where its display timer was
+    set, after the queue timers set before that, not where its queue timer was.
+    """
+    h = setup(Limits(queue_timeout=60))
+    h.connect("s2", "a2")
+    a = offer(h, "r1")  # a1 displays a (120 s); b waits, queue deadline T0+60 s
+    b = offer(h, "r2", template=VOICE)  # a 30 s display timeout
+    offer(h, "r3", agent="a2")  # a2 displays one (120 s); c waits, queue deadline T0+60 s
+    c = offer(h, "r4", agent="a2", template=VOICE)
+    h.advance(30)
+    h.respond("s1", a, "Accept")  # b displayed: display deadline T0+60 s, its old queue deadline
+    assert h.engine.displayed("a1") == [b]
+    assert sent_to(h.log, "s1", f.Notification)[-1].expires_at == T0 + 60_000
+    out = h.at(T0 + 60_000)
+    assert [(e.notification_id, e.outcome) for e in ended(out)] == [(c, QUEUE_TIME_LIMIT), (b, DISPLAY_TIMEOUT)]
+
+
 def test_next_deadline_skips_ended_notifications():
     h = setup()
     a = offer(h, "r1")
@@ -508,7 +527,7 @@ def test_token_in_use_is_refused_while_pending():
     assert ended(out) == [] and h.engine.queued("a1") == []
 
 
-def test_token_in_use_also_while_queued_and_across_connections_of_one_key():
+def test_token_in_use_also_while_queued_and_across_connections_of_one_integrator():
     h = setup()
     h.integrator("i2", "k1")
     offer(h, "r1")
@@ -532,7 +551,7 @@ def test_token_reusable_after_the_notification_ended():
     assert h.engine.outcome_of(a) == ACCEPTED
 
 
-def test_token_scoped_per_integrator_key():
+def test_token_scoped_per_integrator():
     h = setup(Limits(display_limit=2))
     h.integrator("i2", "k2")
     a = offer(h, "r1", conn="i1", token="T")
@@ -543,14 +562,14 @@ def test_token_scoped_per_integrator_key():
     assert [e.notification_id for e in ended(out)] == [b]
     assert sent_to(out, "i1") == []
     assert h.engine.state_of(a) is State.DISPLAYED
-    # A third key does not know the token at all.
+    # A third integrator does not know the token at all.
     h.integrator("i3", "k3")
     out = h.cancel("i3", "c2", "T")
     assert wire(sent_to(out, "i3")[0])["error"]["message"] == "CancellationTokenNotFoundError"
     assert h.engine.state_of(a) is State.DISPLAYED
 
 
-def test_cancel_from_another_connection_of_the_same_key():
+def test_cancel_from_another_connection_of_the_same_integrator():
     h = setup()
     h.integrator("i2", "k1")
     offer(h, "r1", token="T")
@@ -997,7 +1016,7 @@ def test_integrator_disconnect_does_not_cancel_outcome_goes_to_unclaimed():
     assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False)]
     assert h.engine.unclaimed("k1") == [("r1", ACCEPTED)]
     assert h.engine.unclaimed("k2") == []
-    # Another connection of the same key can still cancel-by-token to learn the outcome.
+    # Another connection of the same integrator can still cancel-by-token to learn the outcome.
     h.integrator("i2", "k1")
     out = h.cancel("i2", "c1", "T")
     assert [outcome_of_result(r) for r in results(out, "i2")] == [ACCEPTED]
@@ -1018,7 +1037,7 @@ def test_integrator_disconnect_queued_one_displayed_later_gets_no_status_to_gone
     assert h.engine.unclaimed("k1") == [("r2", DISPLAY_TIMEOUT)]
 
 
-def test_integrator_disconnect_then_cancel_by_another_connection_of_the_key():
+def test_integrator_disconnect_then_cancel_by_another_connection_of_the_integrator():
     h = setup()
     nid = offer(h, "r1", token="T")
     h.integrator_gone("i1")

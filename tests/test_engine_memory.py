@@ -16,7 +16,7 @@ def test_timer_heap_and_recent_outcomes_stay_bounded():
         engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), now)
     assert engine.outcomes == 20_000
     # Each accepted offer left a display timer behind; they are swept.
-    assert engine._timer_count <= 4097
+    assert engine._timers.size <= 4097
     assert len(engine._recent) == 500
     assert engine.next_deadline() is None
 
@@ -40,12 +40,13 @@ def test_timer_work_can_be_taken_in_batches():
 
 
 def test_remembered_outcomes_keep_no_connection_or_card_alive():
-    """100,000 remembered outcomes by default: each keeps ids and outcome, not the card or a socket.
-
-    (About 540 bytes each instead of 1,150; the offer bench's peak RSS shows it.)
-    """
+    """100,000 remembered outcomes by default: each keeps ids and outcome, not the card or a socket."""
     import gc
     import weakref
+
+    import msgspec
+
+    from deskpush.protocol import Outcome
 
     class Conn:  # stands in for a websocket connection
         pass
@@ -65,10 +66,49 @@ def test_remembered_outcomes_keep_no_connection_or_card_alive():
     del integrator
     gc.collect()
     assert gone() is None
-    assert all(n.frame is None and n.fields == () for n in engine._recent.values())
+    # What is remembered is strings (ids, integrator, token) and the outcome: no card, no connection.
+    assert len(engine._recent) == 50
+    for remembered in engine._recent.values():
+        assert all(type(v) is str or type(v) is Outcome for v in msgspec.structs.astuple(remembered))
     # ...and still answers late questions about them.
     nid = next(iter(engine._recent))
     assert engine.outcome_of(nid) is not None and engine.state_of(nid).value == "ended"
+
+
+def test_a_remembered_outcome_costs_no_more_than_before():
+    """Bytes held per remembered outcome, with nothing pending: what ``recent_outcomes`` costs.
+
+    The bound is about what one cost here when the engine remembered its own
+    ended notifications with their card dropped (up to 44d6f56); the small
+    record it keeps instead must not cost more.
+    """
+    import gc
+    import tracemalloc
+
+    remembered = 20_000
+    engine = Engine({t.name: t for t in BUILTIN_TEMPLATES}, Limits(recent_outcomes=remembered))
+    engine.agent_connected("a", "agent", "s", 0.0)
+    engine.integrator_connected("i", "crm", 0.0)
+    inp = f.NotifyInput(template_name="msdyn_chat_incoming_unauthenticated",
+                        template_parameters={"customerName": "Jane Doe", "queueName": "Sales"})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(remembered + 1000):
+            effects = engine.integrator_frame(
+                "i", f.NotifyEvent(request_id=f"request-{i}", agent_id="agent", input=inp,
+                                   correlation_id=f"correlation-{i}"), float(i))
+            nid = next(e.frame.notification_id for e in effects if isinstance(e.frame, f.Notification))
+            del effects
+            engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), float(i))
+        assert engine.next_deadline() is None  # drops the display timers the accepted offers left
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(engine._recent) == remembered
+    assert held / remembered < 490
 
 
 def test_stale_timers_swept_while_deadlines_run_lose_nothing():

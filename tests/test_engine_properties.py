@@ -59,7 +59,7 @@ TEMPLATES = {
     "long": Template(name="long", title="Long", timeout=5.0),
     "auto": Template(name="auto", title="Auto", auto_accept=True, timeout=1.0),
 }
-KEYS = ("k1", "k2")
+INTEGRATORS = ("k1", "k2")
 AGENTS = ("a1", "a2")
 ALL_AGENTS = (*AGENTS, "a3")  # a3 never connects
 TOKENS = ("tA", "tB", "tC")
@@ -70,7 +70,7 @@ TIMER_OUTCOMES = {DISPLAY_TIMEOUT, QUEUE_TIME_LIMIT, AGENT_DISCONNECTED, AUTO_AC
 class Req:
     rid: str
     conn: str
-    key: str
+    integrator: str
     agent: str
     progress: bool
     at: float
@@ -124,7 +124,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.conn_seq = itertools.count(1)
         self.req_seq = itertools.count(1)
         self.sessions: dict[str, str] = {}         # open session -> agent
-        self.integrators: dict[str, str] = {}      # open integrator conn -> key
+        self.integrators: dict[str, str] = {}      # open integrator conn -> integrator
         self.grace: dict[str, float] = {}          # agent with no session -> grace deadline
         self.present: set[str] = set()
         self.requests: dict[str, Req] = {}
@@ -137,8 +137,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.last_queue: dict[str, int] = {}
         self.cancels: dict[str, int] = {}
         # Start with something to work with; the rules connect and disconnect more.
-        for key in KEYS:
-            self.connect_integrator(key)
+        for integrator in INTEGRATORS:
+            self.connect_integrator(integrator)
         for agent in AGENTS:
             self.connect_agent(agent)
 
@@ -162,18 +162,18 @@ class EngineMachine(RuleBasedStateMachine):
                 assert nid not in self.ended, f"{nid} ended twice"
                 req = self.requests[e.correlation_id]
                 assert req.nid == nid and req.outcome is None
-                assert (e.agent_id, e.integrator) == (req.agent, req.key)
+                assert (e.agent_id, e.integrator) == (req.agent, req.integrator)
                 assert e.delivered == (req.conn in self.integrators)
                 req.outcome = e.outcome
                 req.delivered = e.delivered
                 self.ended.add(nid)
                 ended_now[nid] = e
-                tk = (req.key, req.token)
+                tk = (req.integrator, req.token)
                 if self.live_tokens.get(tk) == req.rid:
                     del self.live_tokens[tk]
                 self.last_outcome[tk] = e.outcome
                 if not e.delivered:
-                    assert (req.rid, e.outcome) in self.engine.unclaimed(req.key)
+                    assert (req.rid, e.outcome) in self.engine.unclaimed(req.integrator)
                 continue
             assert isinstance(e, Send), e
             sends.append(e)
@@ -328,11 +328,11 @@ class EngineMachine(RuleBasedStateMachine):
     # Integrators
 
     @precondition(lambda self: self.engine is not None)
-    @rule(key=st.sampled_from(KEYS))
-    def connect_integrator(self, key):
+    @rule(integrator=st.sampled_from(INTEGRATORS))
+    def connect_integrator(self, integrator):
         conn = f"i{next(self.conn_seq)}"
-        self.integrators[conn] = key
-        assert self.engine.integrator_connected(conn, key, self.now) == []
+        self.integrators[conn] = integrator
+        assert self.engine.integrator_connected(conn, integrator, self.now) == []
 
     @precondition(lambda self: self.engine is not None and self.integrators)
     @rule(data=st.data())
@@ -369,7 +369,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def _notify(self, data, agent, template, token_mode, token, progress):
         conn = data.draw(st.sampled_from(sorted(self.integrators)))
-        key = self.integrators[conn]
+        integrator = self.integrators[conn]
         rid = f"r{next(self.req_seq)}"
         kw = {
             "none": {},
@@ -388,14 +388,14 @@ class EngineMachine(RuleBasedStateMachine):
             expected_error = "NotificationTemplateNotFoundError"
         elif token_mode == "differ":
             expected_error = "RejectAfterClientError"
-        elif token_mode != "none" and (key, token) in self.live_tokens:
+        elif token_mode != "none" and (integrator, token) in self.live_tokens:
             expected_error = "CancellationTokenInUseError"
         elif agent not in self.present:
             expected_error = "AgentNotConnectedError"
         else:
             expected_error = None
 
-        req = Req(rid, conn, key, agent, progress, self.now, template=template,
+        req = Req(rid, conn, integrator, agent, progress, self.now, template=template,
                   step=self.limits.timer_resolution * 1000.0)
         del self.issued[:]
         effects = self.engine.integrator_frame(conn, frame, self.now)
@@ -421,7 +421,7 @@ class EngineMachine(RuleBasedStateMachine):
                                                 "NotificationQueueLimitExceeded"))]
             return
         if req.outcome is None:
-            self.live_tokens[(key, req.token)] = rid
+            self.live_tokens[(integrator, req.token)] = rid
         if progress:
             assert req.statuses[:1] == ["queued"]
         if displayable:
@@ -443,10 +443,10 @@ class EngineMachine(RuleBasedStateMachine):
           source=st.sampled_from(["live", "live", "fixed", "seen", "unknown"]))
     def cancel(self, data, pick, source):
         conn = data.draw(st.sampled_from(sorted(self.integrators)))
-        key = self.integrators[conn]
-        # Mostly a live token of this key; otherwise a fixed one, any token ever used
-        # (ended, or another key's), or one never used.
-        live_mine = sorted(t for k, t in self.live_tokens if k == key)
+        integrator = self.integrators[conn]
+        # Mostly a live token of this integrator; otherwise a fixed one, any token ever used
+        # (ended, or another integrator's), or one never used.
+        live_mine = sorted(t for k, t in self.live_tokens if k == integrator)
         seen = sorted({r.token for r in self.requests.values() if r.token})
         if source == "live" and live_mine:
             token = live_mine[pick % len(live_mine)]
@@ -459,8 +459,8 @@ class EngineMachine(RuleBasedStateMachine):
         rid = f"c{next(self.req_seq)}"
         self.cancels[rid] = 0
         doomed = self._due()
-        live = self.live_tokens.get((key, token))
-        before = self.last_outcome.get((key, token))
+        live = self.live_tokens.get((integrator, token))
+        before = self.last_outcome.get((integrator, token))
         sends, ended = self._event(doomed, lambda: self.engine.integrator_frame(conn, cancel_frame(rid, token),
                                                                                self.now))
         mine = [s.frame for s in sends if s.targets == (conn,) and getattr(s.frame, "request_id", None) == rid]
@@ -529,7 +529,7 @@ class EngineMachine(RuleBasedStateMachine):
             self.present.discard(agent)
             for req in self.requests.values():
                 if req.agent == agent and req.outcome is None:
-                    tk = (req.key, req.token)
+                    tk = (req.integrator, req.token)
                     if self.live_tokens.get(tk) == req.rid:
                         del self.live_tokens[tk]
                     self.last_outcome[tk] = AGENT_DISCONNECTED
@@ -624,7 +624,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert self.engine.outcome_of(req.nid) == req.outcome
         assert self.engine.statistics()["agents"] == 0
         delivered = sum(r.results for r in self.requests.values())
-        unclaimed = sum(len(self.engine.unclaimed(k)) for k in KEYS)
+        unclaimed = sum(len(self.engine.unclaimed(k)) for k in INTEGRATORS)
         assert delivered + unclaimed == len(self.requests) == self.engine.outcomes
 
     def disconnect_agent_conn(self, conn: str) -> None:
