@@ -405,6 +405,8 @@ class Engine:
             "live": len(self._live),
             "displayed": sum(len(a.displayed) for a in self._agents.values()),
             "outcomes": self.outcomes,
+            "remembered": len(self._recent),
+            "timers": self._timers.size,
         }
 
     # ------------------------------------------------------------------

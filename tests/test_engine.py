@@ -1107,7 +1107,7 @@ def test_statistics():
     offer(h, "r1")
     offer(h, "r2")
     assert h.engine.statistics() == {"agents": 1, "agentSessions": 2, "integrators": 1, "live": 2,
-                                     "displayed": 1, "outcomes": 0}
+                                     "displayed": 1, "outcomes": 0, "remembered": 0, "timers": 2}
 
 
 @pytest.mark.parametrize("action, outcome", [("Accept", ACCEPTED), ("Reject", DECLINED)])

@@ -16,8 +16,8 @@ def test_timer_heap_and_recent_outcomes_stay_bounded():
         engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), now)
     assert engine.outcomes == 20_000
     # Each accepted offer left a display timer behind; they are swept.
-    assert engine._timers.size <= 4097
-    assert len(engine._recent) == 500
+    assert engine.statistics()["timers"] <= 4097
+    assert engine.statistics()["remembered"] == 500
     assert engine.next_deadline() is None
 
 
@@ -44,10 +44,6 @@ def test_remembered_outcomes_keep_no_connection_or_card_alive():
     import gc
     import weakref
 
-    import msgspec
-
-    from deskpush.protocol import Outcome
-
     class Conn:  # stands in for a websocket connection
         pass
 
@@ -66,13 +62,10 @@ def test_remembered_outcomes_keep_no_connection_or_card_alive():
     del integrator
     gc.collect()
     assert gone() is None
-    # What is remembered is strings (ids, integrator, token) and the outcome: no card, no connection.
-    assert len(engine._recent) == 50
-    for remembered in engine._recent.values():
-        assert all(type(v) is str or type(v) is Outcome for v in msgspec.structs.astuple(remembered))
-    # ...and still answers late questions about them.
-    nid = next(iter(engine._recent))
-    assert engine.outcome_of(nid) is not None and engine.state_of(nid).value == "ended"
+    # ...and still answers late questions about them (what they cost: the next test).
+    assert engine.statistics()["remembered"] == 50
+    assert engine.outcome_of(card.notification_id) is not None
+    assert engine.state_of(card.notification_id).value == "ended"
 
 
 def test_a_remembered_outcome_costs_no_more_than_before():
@@ -107,7 +100,7 @@ def test_a_remembered_outcome_costs_no_more_than_before():
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert len(engine._recent) == remembered
+    assert engine.statistics()["remembered"] == remembered
     assert held / remembered < 490
 
 
