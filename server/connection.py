@@ -291,7 +291,7 @@ class Connection(asyncio.Protocol):
         try:
             response = self.handler.respond(self, self.request)
         except Exception:
-            log.exception("error answering %s %s", self.request.method, self.request.path)
+            log.exception("error answering a request for %s", self.request.path)
             response = protocol.reject(HTTPStatus.INTERNAL_SERVER_ERROR,
                                        "Failed to open a WebSocket connection.\nSee server log for more information.\n")
         if response is None:
