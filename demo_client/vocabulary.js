@@ -27,6 +27,7 @@ export const ERROR_MESSAGE = Object.freeze({
   TOKEN_NOT_FOUND: "CancellationTokenNotFoundError",
   AGENT_NOT_CONNECTED: "AgentNotConnectedError",
   UNAUTHORIZED: "UnauthorizedError",
+  OUTCOME_UNKNOWN: "OutcomeUnknownError",
 });
 
 export const MSDYN_NAME = Object.freeze({

@@ -1,4 +1,4 @@
-"""Every frame of wire protocol v1, as msgspec Structs.
+"""Every frame of wire protocol v1.1, as msgspec Structs.
 
 All frames are WebSocket text frames holding one JSON object whose ``type``
 field selects the frame. Field names are camelCase on the wire (``rename="camel"``);
@@ -8,7 +8,11 @@ There is one tagged union per direction and endpoint, each decoded by one
 Decoder built once at import time:
 
 * ``AgentInbound``: what an agent desktop sends (hello, respond, ping).
-* ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent).
+* ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent, ack).
+
+v1.1 adds, on the integrator endpoint only, what lets outcomes survive a
+reconnect: ``resumeAfter`` in hello, ``outcomeId`` in a notifyEvent's result,
+the ``resumed`` frame and ``ack``. A client that sends none of it speaks v1.
 
 The frames the server sends have their unions too, for typing (nothing decodes
 them here): ``AgentOutbound``, ``IntegratorOutbound`` and ``Outbound``, either.
@@ -38,6 +42,11 @@ __all__ = [
     "AgentError",
     "AgentOutbound",
     "IntegratorHello",
+    "Ack",
+    "Resumed",
+    "OutcomeId",
+    "ResumePoint",
+    "RESUME_NOW",
     "NotifyInput",
     "NotifyEvent",
     "CancelEvent",
@@ -62,6 +71,12 @@ Id = Annotated[str, Meta(min_length=1, max_length=128)]
 ShortText = Annotated[str, Meta(max_length=256)]
 Token = Annotated[str, Meta(min_length=1, max_length=4096)]
 Params = Annotated[dict[str, Any], Meta(max_length=64)]
+#: An outcome's place in its API key's history: epoch milliseconds (13
+#: digits), "-", a sequence within the millisecond (6 digits). Sorts as a string.
+OutcomeId = Annotated[str, Meta(pattern=r"^[0-9]{13}-[0-9]{6}$")]
+#: Where a v1.1 integrator resumes: after an outcomeId, or "$": from now.
+RESUME_NOW = "$"
+ResumePoint = Annotated[str, Meta(pattern=r"^(\$|[0-9]{13}-[0-9]{6})$")]
 
 
 class _Frame(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True, gc=False):
@@ -160,9 +175,13 @@ AgentOutbound = Union[Welcome, Notification, Resolved, QueueLength, Pong, AgentE
 
 
 class IntegratorHello(_Frame, tag="hello"):
-    """First frame of a browser integrator, which cannot set headers."""
+    """First frame of a browser integrator, which cannot set headers.
+
+    ``resume_after`` (v1.1) makes it a resuming connection: see ``Resumed``.
+    """
 
     api_key: Token
+    resume_after: ResumePoint | None = None
 
 
 class NotifyInput(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
@@ -188,7 +207,13 @@ class CancelEvent(_Frame, tag="cancelEvent"):
     correlation_id: ShortText | None = None
 
 
-IntegratorInbound = Union[IntegratorHello, NotifyEvent, CancelEvent]
+class Ack(_Frame, tag="ack"):
+    """v1.1: the integrator has stored every outcome of its key up to ``outcome_id``."""
+
+    outcome_id: OutcomeId
+
+
+IntegratorInbound = Union[IntegratorHello, NotifyEvent, CancelEvent, Ack]
 
 # --------------------------------------------------------------------------
 # Integrator endpoint, server -> client
@@ -212,9 +237,25 @@ class CancelValue(msgspec.Struct, rename="camel", frozen=True):
     response_reason: str
 
 
-class Result(_Frame, tag="result"):
+class Result(_Frame, tag="result", omit_defaults=True):
     request_id: str
     value: NotifyValue | CancelValue
+    # v1.1: a notifyEvent's outcome, in its key's history (None: a cancelEvent's answer).
+    outcome_id: str | None = None
+
+
+class Resumed(_Frame, tag="resumed", omit_defaults=True):
+    """v1.1: the replay after ``resumeAfter`` is over; ``count`` results came before it.
+
+    ``complete`` is False when the history did not reach back to the resume
+    point (``details`` says why); ``last_outcome_id`` is where the integrator
+    stands now: what to resume after next time.
+    """
+
+    count: int
+    complete: bool
+    last_outcome_id: str
+    details: str = ""
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -230,7 +271,7 @@ class IntegratorError(_Frame, tag="error", omit_defaults=True):
     request_id: str | None = None
 
 
-IntegratorOutbound = Union[Status, Result, IntegratorError]
+IntegratorOutbound = Union[Status, Result, Resumed, IntegratorError]
 
 Outbound = AgentOutbound | IntegratorOutbound
 

@@ -95,7 +95,8 @@ class ErrorMessage(enum.StrEnum):
 
     ``UNAUTHORIZED`` is no error frame: it is the body of the HTTP 401 answer
     to a bad ``Authorization`` header, and what the clients report for a
-    close with ``CloseCode.UNAUTHORIZED``.
+    close with ``CloseCode.UNAUTHORIZED``. ``OUTCOME_UNKNOWN`` is no error
+    frame either: the clients make it (see below).
     """
 
     TEMPLATE_NOT_FOUND = "NotificationTemplateNotFoundError"
@@ -104,6 +105,10 @@ class ErrorMessage(enum.StrEnum):
     TOKEN_NOT_FOUND = "CancellationTokenNotFoundError"
     AGENT_NOT_CONNECTED = "AgentNotConnectedError"
     UNAUTHORIZED = "UnauthorizedError"
+    # Made by the clients, never sent by the server: a call pending across a
+    # reconnect whose outcome the server's history no longer reaches
+    # (``resumed`` with ``complete: false``).
+    OUTCOME_UNKNOWN = "OutcomeUnknownError"
 
 
 class MsdynName(enum.StrEnum):
