@@ -11,6 +11,11 @@
 
 It routes each handshake: an upgrade to ``/agent`` or ``/integrator`` opens a
 session there, anything else is plain HTTP for the site.
+
+It also bounds what a connection that has not proved who it is can hold:
+``server.helloTimeout`` from the TCP accept to authentication (the handshake
+and the hello together), and at most ``server.maxPendingHandshakes`` such
+connections; an upgrade past that is answered 503 and closed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from http import HTTPStatus
 
 from websockets.http11 import Request, Response
 
@@ -38,7 +44,7 @@ from .endpoints import (
     refuse_bad_resume_point,
 )
 from .state import StateFile
-from .web import Site
+from .web import Site, plain
 
 __all__ = ["DeskpushServer"]
 
@@ -63,6 +69,11 @@ class DeskpushServer:
         self.port = 0
         self._listener: asyncio.Server | None = None
         self._connections: set[Connection] = set()
+        # Connections accepted and neither authenticated nor answered with plain
+        # HTTP yet, with when each was accepted (epoch ms): where helloTimeout starts.
+        self._pending: dict[Connection, float] = {}
+        self._busy = 0  # upgrades answered 503 since the last log line about them
+        self._busy_logged = float("-inf")
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatcher: Dispatcher | None = None
         self._clock: LoopClock | None = None
@@ -143,6 +154,11 @@ class DeskpushServer:
         return frozenset(self._connections)
 
     @property
+    def pending_handshakes(self) -> int:
+        """Connections accepted and not authenticated yet (``server.maxPendingHandshakes`` bounds them)."""
+        return len(self._pending)
+
+    @property
     def dispatcher(self) -> Dispatcher:
         """What applies the engine's effects and runs its timer (once started)."""
         assert self._dispatcher is not None, "start() first"
@@ -152,25 +168,60 @@ class DeskpushServer:
     # connection.Handler
 
     def _connection(self, options: ConnectionOptions, loop: asyncio.AbstractEventLoop) -> Connection:
+        assert self._clock is not None
         conn = Connection(self, options, loop)
         self._connections.add(conn)
+        self._pending[conn] = self._clock.now()
         return conn
 
     def respond(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP answer, or None to open the WebSocket on an endpoint."""
+        response = self._answer(request)
+        if response is not None:
+            # Plain HTTP needs no authentication: answered, the connection closes.
+            self._pending.pop(conn, None)
+        return response
+
+    def _answer(self, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
-        if path == "/agent":
-            return None
-        if path == "/integrator":
+        if path == "/agent" or path == "/integrator":
+            if len(self._pending) > self.config.server.max_pending_handshakes:
+                return self._too_busy()
+            if path == "/agent":
+                return None
             return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
         return self.site.respond(path)
+
+    def _too_busy(self) -> Response:
+        """503 for an upgrade while ``server.maxPendingHandshakes`` connections wait to authenticate.
+
+        RFC 9110 section 15.6.4: 503 "indicates that the server is currently
+        unable to handle the request due to a temporary overload [...]. The
+        server MAY send a Retry-After header field".
+        """
+        assert self._clock is not None
+        self._busy += 1
+        now = self._clock.now()
+        if now - self._busy_logged >= 1000.0:  # one line a second at most
+            log.warning("answered %d WebSocket upgrade(s) with 503: %d connections are waiting to authenticate "
+                        "(server.maxPendingHandshakes = %d)", self._busy, len(self._pending),
+                        self.config.server.max_pending_handshakes)
+            self._busy = 0
+            self._busy_logged = now
+        return plain(HTTPStatus.SERVICE_UNAVAILABLE,
+                     "too many connections are waiting to authenticate; retry later\n", [("Retry-After", "1")])
 
     def open(self, conn: Connection) -> Session:
         assert conn.request is not None and self._dispatcher is not None and self._clock is not None
         endpoint = self._endpoints[conn.request.path.partition("?")[0]]
-        return Session(conn, endpoint, self._dispatcher, self._clock)
+        return Session(conn, endpoint, self._dispatcher, self._clock, accepted_at=self._pending.get(conn),
+                       on_authenticated=self._authenticated)
+
+    def _authenticated(self, conn: Connection) -> None:
+        self._pending.pop(conn, None)
 
     def closed(self, conn: Connection) -> None:
+        self._pending.pop(conn, None)
         self._connections.discard(conn)
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()

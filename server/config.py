@@ -40,7 +40,8 @@ class ServerSection(_Section):
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 4096
     # Largest frame a client may send; larger ones close the connection with 1009.
     max_size: Annotated[int, Meta(ge=1024, le=16 * 2**20)] = 64 * 1024
-    # Seconds a client has to send its hello frame.
+    # Seconds from accepting a connection to its authentication: the opening
+    # handshake and the hello frame together.
     hello_timeout: Annotated[float, Meta(gt=0)] = 10.0
     # Bytes that may wait in one connection's write buffer before it is closed as too slow.
     outbound_limit: Annotated[int, Meta(ge=4096)] = 1024 * 1024
@@ -57,6 +58,9 @@ class ServerSection(_Section):
     # Where pending notifications are saved on shutdown and taken back on start,
     # so a restart or rolling deploy does not lose offers. None: memory only.
     state_file: str | None = None
+    # Connections accepted and not yet authenticated (in their handshake, or
+    # waiting for their hello); past it, an upgrade gets 503 instead of an fd.
+    max_pending_handshakes: Annotated[int, Meta(ge=1)] = 1000
 
 
 class ApiKey(_Section):

@@ -4,8 +4,9 @@ A ``Session`` is one open WebSocket connection on an endpoint. Every message
 takes the same path, whichever the endpoint:
 
 1. before authentication, the message must be the endpoint's ``hello`` and
-   its credential must check out, within ``helloTimeout`` of the opening;
-   anything else closes the connection with 4401;
+   its credential must check out, within ``helloTimeout`` of the TCP
+   connection being accepted (one bound for the opening handshake and the
+   hello together); anything else closes the connection with 4401;
 2. after it, the rate limit (a token bucket per connection; past it: close
    1008), then the message is decoded with the endpoint's decoder; one that
    does not decode gets the endpoint's error frame and the connection stays;
@@ -94,20 +95,27 @@ class Endpoint:
 class Session:
     """One open WebSocket connection on an endpoint."""
 
-    __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer")
+    __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer", "hello_deadline",
+                 "on_authenticated")
 
-    def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock) -> None:
+    def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock, *,
+                 accepted_at: float | None = None,
+                 on_authenticated: Callable[[Connection], None] | None = None) -> None:
+        """``accepted_at``: when the TCP connection was accepted (epoch ms; None: now), where the
+        ``hello_timeout`` starts; ``on_authenticated`` is called once the connection has proved who it is."""
         self.conn = conn
         self.endpoint = endpoint
         self.dispatcher = dispatcher
         self.clock = clock
+        self.on_authenticated = on_authenticated
         now = clock.now()
         self.bucket = Bucket(endpoint.rate, endpoint.burst, now)
         self.hello_timer: Cancellable | None = None
+        self.hello_deadline = (now if accepted_at is None else accepted_at) + endpoint.hello_timeout * 1000.0
         assert conn.request is not None
         self.identity = endpoint.identity_of_request(conn.request)
         if self.identity is None:
-            self.hello_timer = clock.call_at(now + endpoint.hello_timeout * 1000.0, self._hello_timed_out)
+            self.hello_timer = clock.call_at(self.hello_deadline, self._hello_timed_out)
         else:
             self._authenticated(self.identity, None, now)
 
@@ -137,6 +145,11 @@ class Session:
 
     def _hello(self, data: bytes, now: float) -> None:
         endpoint = self.endpoint
+        if now > self.hello_deadline:
+            # Late, though its timer has not run yet (a busy loop handles the
+            # bytes of an iteration before its timers): as late as no hello.
+            self.conn.close(*CLOSE_UNAUTHORIZED)
+            return
         try:
             hello = endpoint.decoder.decode(data)
         except msgspec.MsgspecError:
@@ -152,6 +165,8 @@ class Session:
         self._authenticated(identity, hello, now)
 
     def _authenticated(self, identity: str, hello: Any, now: float) -> None:
+        if self.on_authenticated is not None:
+            self.on_authenticated(self.conn)
         self.dispatcher.apply(self.endpoint.connected(self.conn, identity, hello, now))
         log.debug("%s %s connected from %s", self.endpoint.name, identity, self.conn.remote_address)
 
