@@ -4,6 +4,10 @@ An agent token is a JWT whose ``sub`` is the agent id, signed with the server's
 secret and always carrying ``exp``. Integrator API keys are compared in
 constant time against every configured key, so timing tells nothing about
 which key, or how much of one, matched.
+
+Secrets and keys are at least ``MIN_SECRET_BYTES`` (32) long: RFC 7518
+section 3.2 asks for an HS256 key of at least 256 bits, and an API key that
+short can be guessed no faster than the server answers.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import time
 
 import jwt
 
-__all__ = ["AgentTokens", "ApiKeys"]
+__all__ = ["AgentTokens", "ApiKeys", "MIN_SECRET_BYTES"]
 
 ALGORITHM = "HS256"
+MIN_SECRET_BYTES = 32
+
+
+def _check_length(what: str, secret: str) -> None:
+    n = len(secret.encode())
+    if n < MIN_SECRET_BYTES:
+        raise ValueError(f"{what} is {n} bytes; use at least {MIN_SECRET_BYTES}")
 
 
 class AgentTokens:
     def __init__(self, secret: str, *, leeway: float = 5.0) -> None:
         if not secret:
             raise ValueError("an agent token secret is required")
+        _check_length("the agent token secret", secret)
         self._secret = secret
         self._leeway = leeway
 
@@ -53,6 +65,8 @@ class AgentTokens:
 
 class ApiKeys:
     def __init__(self, keys: dict[str, str]) -> None:
+        for name, key in keys.items():
+            _check_length(f"integrator key {name!r}", key)
         self._keys = [(name, key.encode()) for name, key in keys.items()]
 
     def __bool__(self) -> bool:

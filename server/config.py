@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
+from .auth import MIN_SECRET_BYTES
 
 __all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
 
@@ -91,8 +92,15 @@ class Config(_Section):
         return out
 
     def jwt_secret(self) -> str | None:
-        """The configured secret, from the file or the environment."""
-        return self.auth.jwt_secret or os.environ.get(self.auth.jwt_secret_env) or None
+        """The configured secret, from the file or the environment.
+
+        Raises:
+            ConfigError: it is shorter than 32 bytes.
+        """
+        if self.auth.jwt_secret:
+            return _long_enough(self.auth.jwt_secret, "auth.jwtSecret")
+        env = os.environ.get(self.auth.jwt_secret_env)
+        return _long_enough(env, self.auth.jwt_secret_env) if env else None
 
     def api_keys(self) -> dict[str, str]:
         """Integrator keys as {name: key}; DESKPUSH_API_KEY adds one named "default"."""
@@ -105,11 +113,25 @@ class Config(_Section):
             value = k.key or (os.environ.get(k.key_env) if k.key_env else None)
             if not value:
                 raise ConfigError(f"integrator key {k.name!r} has no key (set key or keyEnv) - at $.auth.integratorKeys")
-            keys[k.name] = value
+            keys[k.name] = _long_enough(value, f"integrator key {k.name!r}", " - at $.auth.integratorKeys")
         env = os.environ.get(API_KEY_ENV)
         if env and "default" not in keys:
-            keys["default"] = env
+            keys["default"] = _long_enough(env, API_KEY_ENV)
         return keys
+
+    def check_secrets(self) -> None:
+        """Raise ``ConfigError`` for a secret or key that is missing or too short."""
+        self.jwt_secret()
+        self.api_keys()
+
+
+def _long_enough(secret: str, what: str, where: str = "") -> str:
+    """``secret``, if it has at least 32 bytes (PyJWT warns about shorter HMAC keys; RFC 7518 3.2)."""
+    n = len(secret.encode())
+    if n < MIN_SECRET_BYTES:
+        raise ConfigError(f"{what} is {n} bytes; use at least {MIN_SECRET_BYTES} "
+                          f"(e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'){where}")
+    return secret
 
 
 def default() -> Config:
@@ -117,9 +139,15 @@ def default() -> Config:
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
-    """Decode the TOML file at ``path``; None gives the embedded defaults."""
+    """Decode the TOML file at ``path``; None gives the embedded defaults.
+
+    Either way the secret and keys it names (or the environment gives) are
+    checked: present where named, and at least 32 bytes.
+    """
     if path is None:
-        return default()
+        config = default()
+        config.check_secrets()
+        return config
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -135,7 +163,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     if dupes:
         raise ConfigError(f"{path}: template defined twice: {', '.join(dupes)} - at $.templates")
     try:
-        config.api_keys()  # validates key names and keyEnv references early
+        config.check_secrets()  # key names, keyEnv references, lengths: before anything starts
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config
