@@ -95,21 +95,35 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
 
 
 def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bool, generated_key: str | None) -> str:
-    """What ``deskpush serve`` prints once listening: where to connect, and with what."""
+    """What ``deskpush serve`` prints once listening: where to connect, and with what.
+
+    A working agent token only for a demo: when the demo page is on and the
+    secret was made for this run (so the token dies with it). A server with
+    a secret of its own is not a demo, and its start-up output ends up in
+    logs that more people read than should sign in as an agent.
+    """
     from .auth import AgentTokens
 
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     http = f"http://{shown}:{port}"
     ws = f"ws://{shown}:{port}"
-    token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+    secret_env = config.auth.jwt_secret_env
     lines = [
         f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
         f"  health:            {http}/healthz",
     ]
-    if config.server.demo:
+    if config.server.demo and ephemeral:
+        token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
         lines.append(f"  agent desktop:     {http}/#token={token}")
-    lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+        lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+    elif config.server.demo:
+        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: deskpush token AGENT_ID)")
+    elif ephemeral:
+        lines.append(f"  agent tokens:      none can be issued: the secret lasts for this run only "
+                     f"(set {secret_env}, then: deskpush token AGENT_ID)")
+    else:
+        lines.append("  agent tokens:      deskpush token AGENT_ID  (with the same config and environment)")
     if generated_key:
         lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
         key_shown = generated_key
@@ -122,8 +136,8 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         f"  try:  deskpush notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
         f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
     )
-    if ephemeral:
-        lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
+    if ephemeral and config.server.demo:
+        lines.append(f"  (no {secret_env} set: tokens are signed with a secret that lasts for this run only)")
     return "\n".join(lines)
 
 

@@ -208,3 +208,52 @@ def test_the_server_class_refuses_short_secrets_and_keys_too():
         DeskpushServer(Config(), jwt_secret="short", api_keys={"crm": "k" * 32})
     with pytest.raises(ValueError, match="integrator key 'crm' is 3 bytes"):
         DeskpushServer(Config(), jwt_secret="s" * 32, api_keys={"crm": "key"})
+
+
+# ---------------------------------------------------------------------------
+# The banner prints a working agent token only for a demo
+
+
+async def banner_of(*args: str, env: dict) -> str:
+    """What ``deskpush serve`` prints on stdout at start (the banner is one write)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DESKPUSH_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deskpush.server", "serve", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**clean, **env},
+    )
+    try:
+        lines = []
+        async with asyncio.timeout(20 * UNIT):
+            while not lines or not lines[-1].startswith("  try:"):
+                line = (await proc.stdout.readline()).decode()
+                assert line, (await proc.stderr.read()).decode()
+                lines.append(line)
+            proc.kill()
+            rest, _ = await proc.communicate()
+        return "".join(lines) + rest.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(("demo", "secret"), [(True, True), (False, True), (False, False)])
+async def test_banner_prints_no_token_unless_demo_with_a_run_only_secret(tmp_path, demo, secret):
+    path = tmp_path / "deskpush.toml"
+    path.write_text(f"[server]\ndemo = {'true' if demo else 'false'}\n")
+    env = {"DESKPUSH_JWT_SECRET": "configured-secret-" + "s" * 32} if secret else {}
+    out = await banner_of("--config", str(path), env=env)
+    assert "eyJ" not in out and "token=" not in out, out  # no JWT anywhere
+    assert "listening on ws://127.0.0.1:" in out
+    if secret:
+        assert "deskpush token AGENT_ID" in out
+    else:
+        assert "none can be issued" in out and "set DESKPUSH_JWT_SECRET" in out
+    assert ("agent desktop:" in out) == demo
+
+
+async def test_banner_prints_a_working_token_for_the_demo_with_a_run_only_secret():
+    out = await banner_of(env={})
+    token = re.search(r"agent token:\s+(eyJ\S+)\s+\(agent-1, valid 12 h\)", out).group(1)
+    assert f"/#token={token}" in out
+    assert "tokens are signed with a secret that lasts for this run only" in out
