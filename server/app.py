@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from ..protocol import Engine
 from ..protocol.vocabulary import CloseCode
 from . import logs
-from .auth import AgentTokens, ApiKeys
+from .auth import ApiKeys
 from .clock import LoopClock
 from .config import Config
 from .connection import Connection, ConnectionOptions
@@ -61,7 +61,7 @@ class DeskpushServer:
 
     def __init__(self, config: Config, *, jwt_secret: str | None = None, api_keys: dict[str, str] | None = None) -> None:
         self.config = config
-        self.tokens = AgentTokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
+        self.tokens = config.agent_tokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
         self.engine = Engine(config.template_map(), config.limits)
         self.site = Site(demo=config.server.demo, health=self.engine.statistics)

@@ -102,8 +102,6 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
     a secret of its own is not a demo, and its start-up output ends up in
     logs that more people read than should sign in as an agent.
     """
-    from .auth import AgentTokens
-
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     http = f"http://{shown}:{port}"
@@ -114,9 +112,10 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         f"  health:            {http}/healthz",
     ]
     if config.server.demo and ephemeral:
-        token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+        ttl = config.token_ttl()
+        token = config.agent_tokens(secret).issue(agent, ttl=ttl)
         lines.append(f"  agent desktop:     {http}/#token={token}")
-        lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+        lines.append(f"  agent token:       {token}  ({agent}, valid {_duration(ttl)})")
     elif config.server.demo:
         lines.append(f"  agent desktop:     {http}/  (sign in with a token from: deskpush token AGENT_ID)")
     elif ephemeral:
@@ -141,6 +140,12 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def _tune_gc() -> None:
     # What exists now (templates, config, imported modules) lives as long as
     # the process: keep it out of every later garbage collection.
@@ -154,8 +159,6 @@ def _tune_gc() -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .auth import AgentTokens
-
     config = _load(args.config)
     secret = config.jwt_secret()
     if secret is None:
@@ -165,7 +168,16 @@ def cmd_token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(AgentTokens(secret).issue(args.agent_id, ttl=args.ttl))
+    longest = config.auth.max_token_lifetime
+    if args.ttl is not None and longest is not None and args.ttl > longest:
+        print(f"deskpush token: --ttl {args.ttl:g} is longer than auth.maxTokenLifetime ({longest:g} s): "
+              "the server would refuse the token", file=sys.stderr)
+        return 2
+    if args.ttl is not None and args.ttl <= 0:
+        print("deskpush token: --ttl must be more than 0 seconds", file=sys.stderr)
+        return 2
+    ttl = config.token_ttl() if args.ttl is None else args.ttl
+    print(config.agent_tokens(secret).issue(args.agent_id, ttl=ttl))
     return 0
 
 
@@ -296,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("token", help="print an agent token")
     t.add_argument("agent_id")
     t.add_argument("--config", help="TOML config file (or DESKPUSH_CONFIG)")
-    t.add_argument("--ttl", type=float, default=12 * 3600, help="seconds the token is valid (default 12 h)")
+    t.add_argument("--ttl", type=float, default=None,
+                   help="seconds the token is valid (default 12 h, or auth.maxTokenLifetime if shorter)")
     t.set_defaults(func=cmd_token)
 
     n = sub.add_parser("notify", help="send one notifyEvent and print its outcome")

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
-from .auth import MIN_SECRET_BYTES
+from .auth import MIN_SECRET_BYTES, AgentTokens
 
 __all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
 
@@ -75,6 +75,11 @@ class AuthSection(_Section):
     jwt_secret: str | None = None
     jwt_secret_env: str = JWT_SECRET_ENV
     integrator_keys: tuple[ApiKey, ...] = ()
+    # Optional checks of agent tokens: the iss claim they must carry, the aud they
+    # must name, and the longest exp - iat (seconds; tokens must then carry iat).
+    issuer: str | None = None
+    audience: str | None = None
+    max_token_lifetime: Annotated[float, Meta(gt=0)] | None = None
 
 
 class Config(_Section):
@@ -118,6 +123,16 @@ class Config(_Section):
         if env and "default" not in keys:
             keys["default"] = _long_enough(env, API_KEY_ENV)
         return keys
+
+    def agent_tokens(self, secret: str) -> AgentTokens:
+        """Agent tokens signed with ``secret``, with this config's issuer, audience and lifetime checks."""
+        a = self.auth
+        return AgentTokens(secret, issuer=a.issuer, audience=a.audience, max_lifetime=a.max_token_lifetime)
+
+    def token_ttl(self, wanted: float = 12 * 3600) -> float:
+        """``wanted`` seconds, or ``auth.maxTokenLifetime`` if that is shorter."""
+        longest = self.auth.max_token_lifetime
+        return wanted if longest is None else min(wanted, longest)
 
     def check_secrets(self) -> None:
         """Raise ``ConfigError`` for a secret or key that is missing or too short."""
