@@ -44,6 +44,7 @@ __all__ = [
     "CLOSE_KEEPALIVE_TIMEOUT",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_SESSION_REPLACED",
+    "CLOSE_AUTH_THROTTLED",
     "CLOSINGS",
     "javascript_module",
 ]
@@ -134,6 +135,9 @@ class CloseCode(enum.IntEnum):
     # is closed so the newest works. Not to be retried on its own: that would
     # close another session of the agent, which would retry in turn.
     SESSION_REPLACED = 4409
+    # Too many failed authentications from the client's address
+    # (auth.failedAuthLimit): the hello was not even checked. Retry later.
+    AUTH_THROTTLED = 4429
 
 
 class Closing(NamedTuple):
@@ -148,6 +152,7 @@ CLOSE_RATE_LIMITED = Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 CLOSE_KEEPALIVE_TIMEOUT = Closing(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 CLOSE_INTERNAL_ERROR = Closing(CloseCode.INTERNAL_ERROR, "internal error")
 CLOSE_SESSION_REPLACED = Closing(CloseCode.SESSION_REPLACED, "replaced by a newer session of this agent")
+CLOSE_AUTH_THROTTLED = Closing(CloseCode.AUTH_THROTTLED, "too many failed authentications, retry later")
 
 #: Every close the server decides on, by the name the code uses for it.
 CLOSINGS: dict[str, Closing] = {
@@ -156,6 +161,7 @@ CLOSINGS: dict[str, Closing] = {
     "CLOSE_KEEPALIVE_TIMEOUT": CLOSE_KEEPALIVE_TIMEOUT,
     "CLOSE_INTERNAL_ERROR": CLOSE_INTERNAL_ERROR,
     "CLOSE_SESSION_REPLACED": CLOSE_SESSION_REPLACED,
+    "CLOSE_AUTH_THROTTLED": CLOSE_AUTH_THROTTLED,
 }
 
 

@@ -16,13 +16,23 @@ It also bounds what a connection that has not proved who it is can hold:
 ``server.helloTimeout`` from the TCP accept to authentication (the handshake
 and the hello together), and at most ``server.maxPendingHandshakes`` such
 connections; an upgrade past that is answered 503 and closed.
+
+And it throttles guessing of integrator keys: an address (``auth.source_address``)
+with ``auth.failedAuthLimit`` failures in ``auth.failedAuthWindow`` seconds is
+refused that long, with 429 on the upgrade (Bearer) or 4429 at the hello,
+before its key is looked at. Agent tokens are not throttled: a JWT signed
+with a secret of 32 bytes or more cannot be guessed online, and desktops
+behind one contact centre's NAT share an address, so a few with expired
+tokens would lock out every agent there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+from collections.abc import Sequence
 from http import HTTPStatus
 
 from websockets.http11 import Request, Response
@@ -30,8 +40,8 @@ from websockets.http11 import Request, Response
 from ..protocol import Engine
 from ..protocol.vocabulary import CloseCode
 from . import logs
-from .auth import ApiKeys
-from .clock import LoopClock
+from .auth import ApiKeys, FailureThrottle, Network, source_address
+from .clock import Clock, LoopClock
 from .config import Config
 from .connection import Connection, ConnectionOptions
 from .dispatch import Dispatcher
@@ -65,6 +75,8 @@ class DeskpushServer:
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
         self.engine = Engine(config.template_map(), config.limits)
         self.site = Site(demo=config.server.demo, health=self.engine.statistics)
+        self.auth_failures = FailureThrottle(config.auth.failed_auth_limit, config.auth.failed_auth_window)
+        self._trusted = config.trusted_networks()
         self.state_file = StateFile(config.server.state_file) if config.server.state_file else None
         self.port = 0
         self._listener: asyncio.Server | None = None
@@ -72,8 +84,8 @@ class DeskpushServer:
         # Connections accepted and neither authenticated nor answered with plain
         # HTTP yet, with when each was accepted (epoch ms): where helloTimeout starts.
         self._pending: dict[Connection, float] = {}
-        self._busy = 0  # upgrades answered 503 since the last log line about them
-        self._busy_logged = float("-inf")
+        self._guard: _Guard | None = None
+        self._busy: _EverySecond | None = None
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatcher: Dispatcher | None = None
         self._clock: LoopClock | None = None
@@ -88,11 +100,14 @@ class DeskpushServer:
         s = self.config.server
         self._clock = clock = LoopClock(loop)
         self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log))
+        self._guard = guard = _Guard(self.auth_failures, self._trusted, clock, self.config.auth.failed_auth_limit)
+        self._busy = _EverySecond(clock)
         self._endpoints = {
             "/agent": agent_endpoint(self.engine, self.tokens, rate=s.agent_rate, burst=s.agent_burst,
                                      hello_timeout=s.hello_timeout),
             "/integrator": integrator_endpoint(self.engine, self.api_keys, rate=s.integrator_rate,
-                                               burst=s.integrator_burst, hello_timeout=s.hello_timeout),
+                                               burst=s.integrator_burst, hello_timeout=s.hello_timeout,
+                                               guard=guard),
         }
         options = ConnectionOptions(
             max_size=s.max_size,
@@ -176,20 +191,29 @@ class DeskpushServer:
 
     def respond(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP answer, or None to open the WebSocket on an endpoint."""
-        response = self._answer(request)
+        response = self._answer(conn, request)
         if response is not None:
             # Plain HTTP needs no authentication: answered, the connection closes.
             self._pending.pop(conn, None)
         return response
 
-    def _answer(self, request: Request) -> Response | None:
+    def _answer(self, conn: Connection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == "/agent" or path == "/integrator":
             if len(self._pending) > self.config.server.max_pending_handshakes:
                 return self._too_busy()
             if path == "/agent":
                 return None
-            return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
+            if request.headers.get("Authorization") is not None:
+                assert self._guard is not None
+                wait = self._guard.refused_for(conn)
+                if wait > 0:
+                    return _too_many_failures(wait)
+                refusal = refuse_bad_bearer(self.api_keys, request)
+                if refusal is not None:
+                    self._guard.failed(conn)
+                    return refusal
+            return refuse_bad_resume_point(request)
         return self.site.respond(path)
 
     def _too_busy(self) -> Response:
@@ -199,15 +223,10 @@ class DeskpushServer:
         unable to handle the request due to a temporary overload [...]. The
         server MAY send a Retry-After header field".
         """
-        assert self._clock is not None
-        self._busy += 1
-        now = self._clock.now()
-        if now - self._busy_logged >= 1000.0:  # one line a second at most
-            log.warning("answered %d WebSocket upgrade(s) with 503: %d connections are waiting to authenticate "
-                        "(server.maxPendingHandshakes = %d)", self._busy, len(self._pending),
-                        self.config.server.max_pending_handshakes)
-            self._busy = 0
-            self._busy_logged = now
+        assert self._busy is not None
+        self._busy.add("answered %d WebSocket upgrade(s) with 503: %d connections are waiting to authenticate "
+                       "(server.maxPendingHandshakes = %d)", len(self._pending),
+                       self.config.server.max_pending_handshakes)
         return plain(HTTPStatus.SERVICE_UNAVAILABLE,
                      "too many connections are waiting to authenticate; retry later\n", [("Retry-After", "1")])
 
@@ -226,3 +245,59 @@ class DeskpushServer:
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
 
+
+
+def _too_many_failures(wait: float) -> Response:
+    """429 for an upgrade with an ``Authorization`` header from an address refused for ``wait`` seconds.
+
+    RFC 6585 section 4: 429 "indicates that the user has sent too many
+    requests in a given amount of time [...] and MAY include a Retry-After
+    header indicating how long to wait before making a new request."
+    """
+    return plain(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications from this address; retry later\n",
+                 [("Retry-After", str(math.ceil(wait)))])
+
+
+class _Guard:
+    """``endpoints.Guard`` and the Bearer path's check: the throttle, by each connection's source address."""
+
+    def __init__(self, throttle: FailureThrottle, trusted: Sequence[Network], clock: Clock, limit: int) -> None:
+        self.throttle = throttle
+        self.trusted = trusted
+        self.clock = clock
+        self.limit = limit
+        self._refusing = _EverySecond(clock)
+
+    def source(self, conn: Connection) -> str:
+        peer = str(conn.remote_address[0]) if conn.remote_address else ""
+        forwarded = None
+        if self.trusted and conn.request is not None:
+            forwarded = ",".join(conn.request.headers.get_all("X-Forwarded-For")) or None
+        return source_address(peer, forwarded, self.trusted)
+
+    def refused_for(self, conn: Connection) -> float:
+        return self.throttle.refused_for(self.source(conn), self.clock.now() / 1000.0)
+
+    def failed(self, conn: Connection) -> None:
+        source = self.source(conn)
+        if self.throttle.failed(source, self.clock.now() / 1000.0):
+            self._refusing.add("%d address(es) refused for %g s after %d failed integrator authentications "
+                               "(auth.failedAuthLimit), the latest %s", self.throttle.window, self.limit, source)
+
+
+class _EverySecond:
+    """A warning about something that may come in floods: one line a second at most, saying how many."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.count = 0  # since the last line
+        self.logged = float("-inf")
+
+    def add(self, message: str, *args: object) -> None:
+        """Count one; log ``message % (count, *args)`` unless a line went out less than a second ago."""
+        self.count += 1
+        now = self.clock.now()
+        if now - self.logged >= 1000.0:
+            log.warning(message, self.count, *args)
+            self.count = 0
+            self.logged = now

@@ -8,6 +8,7 @@ raises ``ConfigError`` naming it (``Expected `int`, got `str` - at
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -17,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
-from .auth import MIN_SECRET_BYTES, AgentTokens
+from .auth import MIN_SECRET_BYTES, AgentTokens, Network
 
 __all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
 
@@ -62,6 +63,9 @@ class ServerSection(_Section):
     # Connections accepted and not yet authenticated (in their handshake, or
     # waiting for their hello); past it, an upgrade gets 503 instead of an fd.
     max_pending_handshakes: Annotated[int, Meta(ge=1)] = 1000
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the
+    # client, for the failed-authentication throttle. Empty: the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class ApiKey(_Section):
@@ -80,6 +84,10 @@ class AuthSection(_Section):
     issuer: str | None = None
     audience: str | None = None
     max_token_lifetime: Annotated[float, Meta(gt=0)] | None = None
+    # Failed integrator authentications allowed from one address within
+    # failedAuthWindow seconds; past them it is refused that long. 0: no limit.
+    failed_auth_limit: Annotated[int, Meta(ge=0)] = 10
+    failed_auth_window: Annotated[float, Meta(gt=0)] = 60.0
 
 
 class Config(_Section):
@@ -134,6 +142,20 @@ class Config(_Section):
         longest = self.auth.max_token_lifetime
         return wanted if longest is None else min(wanted, longest)
 
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """``server.trustedProxies`` as networks.
+
+        Raises:
+            ConfigError: an entry is not an IP address or network.
+        """
+        out = []
+        for entry in self.server.trusted_proxies:
+            try:
+                out.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ConfigError(f"{entry!r} is not an IP address or network - at $.server.trustedProxies") from None
+        return tuple(out)
+
     def check_secrets(self) -> None:
         """Raise ``ConfigError`` for a secret or key that is missing or too short."""
         self.jwt_secret()
@@ -179,6 +201,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"{path}: template defined twice: {', '.join(dupes)} - at $.templates")
     try:
         config.check_secrets()  # key names, keyEnv references, lengths: before anything starts
+        config.trusted_networks()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config

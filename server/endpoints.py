@@ -17,6 +17,11 @@ which engine events a session maps to, the error frame for a bad frame, and
 the rate. An integrator may also authenticate on the upgrade request
 (``Authorization: Bearer``), and then sends no hello; its resume point (v1.1)
 is then the request's ``resumeAfter`` query parameter.
+
+An endpoint may have a ``Guard`` against guessing: a hello from an address
+that failed too often is closed with 4429 unchecked, and a hello whose
+credential is wrong counts as a failure of its address. The integrator
+endpoint has one; the agent endpoint has none (``app`` says why).
 """
 
 from __future__ import annotations
@@ -28,21 +33,28 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from websockets.http11 import Request, Response
 
 from ..protocol import Effect, Engine, Send
 from ..protocol import frames as f
-from ..protocol.vocabulary import CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, AgentErrorCode, ErrorMessage, MsdynName
+from ..protocol.vocabulary import (
+    CLOSE_AUTH_THROTTLED,
+    CLOSE_RATE_LIMITED,
+    CLOSE_UNAUTHORIZED,
+    AgentErrorCode,
+    ErrorMessage,
+    MsdynName,
+)
 from .auth import AgentTokens, ApiKeys
 from .clock import Cancellable, Clock
 from .connection import Connection
 from .dispatch import Dispatcher
 from .web import plain
 
-__all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
+__all__ = ["Endpoint", "Guard", "Session", "agent_endpoint", "integrator_endpoint"]
 
 log = logging.getLogger("deskpush")
 
@@ -70,6 +82,16 @@ class Bucket:
         return True
 
 
+class Guard(Protocol):
+    """Failed authentications by the address of a connection (``app`` keeps the table)."""
+
+    def refused_for(self, conn: Connection) -> float:
+        """Seconds until ``conn``'s address may try to authenticate again (0: now)."""
+
+    def failed(self, conn: Connection) -> None:
+        """``conn`` presented a credential, and it was wrong."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """What an endpoint's sessions do with their messages. See the module docstring."""
@@ -90,6 +112,8 @@ class Endpoint:
     hello_timeout: float
     #: An identity proved by the upgrade request itself, or None (then a hello is due).
     identity_of_request: Callable[[Request], str | None] = lambda request: None
+    #: Against guessing credentials in hellos, or None.
+    guard: Guard | None = None
 
 
 class Session:
@@ -150,12 +174,19 @@ class Session:
             # bytes of an iteration before its timers): as late as no hello.
             self.conn.close(*CLOSE_UNAUTHORIZED)
             return
+        guard = endpoint.guard
+        if guard is not None and guard.refused_for(self.conn) > 0:
+            self.conn.close(*CLOSE_AUTH_THROTTLED)
+            return
         try:
             hello = endpoint.decoder.decode(data)
         except msgspec.MsgspecError:
             hello = None
-        identity = endpoint.authenticate(hello) if type(hello) is endpoint.hello else None
+        presented = type(hello) is endpoint.hello
+        identity = endpoint.authenticate(hello) if presented else None
         if identity is None:
+            if presented and guard is not None:
+                guard.failed(self.conn)
             self.conn.close(*CLOSE_UNAUTHORIZED)
             return
         if self.hello_timer is not None:
@@ -203,7 +234,7 @@ def agent_endpoint(engine: Engine, tokens: AgentTokens, *, rate: float, burst: f
 
 
 def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: float,
-                        hello_timeout: float) -> Endpoint:
+                        hello_timeout: float, guard: Guard | None = None) -> Endpoint:
     """``/integrator``: an API key, on the upgrade request (Bearer) or in the hello."""
 
     def connected(conn: Connection, integrator: str, hello: f.IntegratorHello | None, now: float) -> list[Effect]:
@@ -226,6 +257,7 @@ def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: fl
         burst=burst,
         hello_timeout=hello_timeout,
         identity_of_request=lambda request: keys.check_bearer(request.headers.get("Authorization")),
+        guard=guard,
     )
 
 

@@ -1,13 +1,16 @@
-"""Agent token checks (issuer, audience, lifetime) as a desktop meets them, and ``deskpush token``.
+"""Auth hygiene: agent token checks (issuer, audience, lifetime) and ``deskpush token``; the
+throttle of failed integrator authentications per source address.
 
-The rules are unit-tested on ``AgentTokens``; then a real server refuses the
-tokens it should with 4401, and a token printed by the real CLI, with the
-same config, is welcomed.
+The rules are unit-tested on ``AgentTokens`` and ``FailureThrottle``; then
+a real server refuses what it should (4401, 429, 4429), a token printed by
+the real CLI with the same config is welcomed, and clients on other
+loopback addresses (127.0.0.2, ...) stand for other hosts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import subprocess
 import sys
@@ -16,10 +19,10 @@ import time
 import jwt
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from deskpush.server import Config, DeskpushServer
-from deskpush.server.auth import AgentTokens
+from deskpush.server.auth import AgentTokens, FailureThrottle, source_address
 from deskpush.server.config import AuthSection, ServerSection
 
 from .conftest import API_KEY, SECRET, UNIT, recv_json, send_json
@@ -143,7 +146,7 @@ async def test_the_demo_banner_token_passes_the_checks(tmp_path):
     )
     try:
         token = port = None
-        async with asyncio.timeout(20 * UNIT):
+        async with asyncio.timeout(60 * UNIT):  # a bound for a shared, busy machine, not a speed check
             while token is None:
                 line = (await proc.stdout.readline()).decode()
                 assert line, (await proc.stderr.read()).decode()
@@ -169,3 +172,171 @@ def test_config_rejects_a_non_positive_lifetime(tmp_path):
     with pytest.raises(ConfigError, match=r"\$\.auth\.maxTokenLifetime"):
         load(path)
     assert AuthSection().max_token_lifetime is None
+
+
+# ---------------------------------------------------------------------------
+# Failed integrator authentications, per source address
+
+
+def test_throttle_refuses_an_address_after_limit_failures_in_the_window_then_forgets():
+    t = FailureThrottle(3, 60.0)
+    for at in (0.0, 10.0):
+        assert not t.failed("192.0.2.7", at)
+    assert t.refused_for("192.0.2.7", 20.0) == 0
+    assert t.failed("192.0.2.7", 20.0)  # the third within 60 s
+    assert t.refused_for("192.0.2.7", 20.0) == 60.0
+    assert t.refused_for("192.0.2.7", 79.0) == pytest.approx(1.0)
+    assert t.refused_for("192.0.2.8", 21.0) == 0  # other addresses are not affected
+    assert t.refused_for("192.0.2.7", 80.0) == 0  # refused for the window, then it starts afresh
+    assert not t.failed("192.0.2.7", 81.0) and not t.failed("192.0.2.7", 82.0)
+    assert t.failed("192.0.2.7", 83.0)
+
+
+def test_throttle_window_counts_from_the_first_failure():
+    t = FailureThrottle(3, 60.0)
+    t.failed("a", 0.0)
+    t.failed("a", 50.0)
+    assert not t.failed("a", 61.0)  # the window of the first two is over: this one starts a new one
+    assert t.refused_for("a", 61.0) == 0
+
+
+def test_throttle_table_is_bounded_and_forgets_what_expired():
+    t = FailureThrottle(5, 10.0, capacity=100)
+    for i in range(1000):
+        t.failed(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(t) == 100  # the least recently failed were forgotten
+    t.failed("one-more", 11.0)  # the others' windows are over: they go
+    assert len(t) == 1
+    off = FailureThrottle(0, 10.0)
+    assert not any(off.failed("a", 0.0) for _ in range(100)) and len(off) == 0
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "trusted", "source"),
+    [
+        ("192.0.2.7", None, (), "192.0.2.7"),
+        ("192.0.2.7", "203.0.113.9", (), "192.0.2.7"),  # not from a trusted proxy: ignored
+        ("10.0.0.5", "203.0.113.9", ("10.0.0.0/8",), "203.0.113.9"),
+        ("10.0.0.5", "198.51.100.1, 203.0.113.9, 10.0.0.4", ("10.0.0.0/8",), "203.0.113.9"),  # rightmost untrusted
+        ("10.0.0.5", "spoofed, 203.0.113.9", ("10.0.0.0/8",), "203.0.113.9"),
+        ("10.0.0.5", "203.0.113.9, garbage", ("10.0.0.0/8",), "10.0.0.5"),  # our proxy wrote junk: the proxy
+        ("::ffff:192.0.2.7", None, (), "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", None, (), "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", None, (), "2001:db8:1:2::/64"),
+    ],
+)
+def test_source_address(peer, forwarded, trusted, source):
+    nets = tuple(ipaddress.ip_network(n) for n in trusted)
+    assert source_address(peer, forwarded, nets) == source
+
+
+def throttled_server(**server) -> DeskpushServer:
+    config = Config(server=ServerSection(host="127.0.0.1", port=0, **server),
+                    auth=AuthSection(failed_auth_limit=3, failed_auth_window=60.0))
+    return DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY})
+
+
+async def bearer(srv: DeskpushServer, key: str, *, source: str = "127.0.0.1", headers: dict | None = None):
+    """Open an integrator with ``key`` in the upgrade request: the connection, or the refusal's response."""
+    try:
+        return await connect(f"ws://127.0.0.1:{srv.port}/integrator", local_addr=(source, 0),
+                             additional_headers={"Authorization": f"Bearer {key}", **(headers or {})})
+    except InvalidStatus as exc:
+        return exc.response
+
+
+async def browser_hello(srv: DeskpushServer, key: str, *, source: str = "127.0.0.1") -> int | None:
+    """A hello with ``key``: the close code, or None if it was accepted."""
+    ws = await connect(f"ws://127.0.0.1:{srv.port}/integrator", local_addr=(source, 0))
+    await send_json(ws, {"type": "hello", "apiKey": key})
+    await send_json(ws, {"type": "cancelEvent", "requestId": "c1", "cancellationToken": "nope"})
+    try:
+        frame = await recv_json(ws)
+    except ConnectionClosed:
+        return ws.close_code
+    assert frame["error"]["message"] == "CancellationTokenNotFoundError"
+    await ws.close()
+    return None
+
+
+async def test_bearer_guesses_from_one_address_get_429_then_even_the_right_key_waits(caplog):
+    caplog.set_level("WARNING", logger="deskpush")
+    async with throttled_server() as srv:
+        for _ in range(3):
+            assert (await bearer(srv, "wrong-" + "x" * 32)).status_code == 401
+        refused = await bearer(srv, API_KEY)
+        assert refused.status_code == 429
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        assert refused.body == b"too many failed authentications from this address; retry later\n"
+        # The browser path from the same address is refused too, unchecked.
+        assert await browser_hello(srv, API_KEY) == 4429
+        # Another address is not affected; nor are connections already open, nor agents.
+        ok = await bearer(srv, API_KEY, source="127.0.0.2")
+        await send_json(ok, {"type": "cancelEvent", "requestId": "c1", "cancellationToken": "nope"})
+        assert (await recv_json(ok))["type"] == "error"
+        agent = await connect(f"ws://127.0.0.1:{srv.port}/agent")
+        await send_json(agent, {"type": "hello", "token": srv.tokens.issue("agent-7")})
+        assert (await recv_json(agent))["type"] == "welcome"
+    [line] = [r.getMessage() for r in caplog.records if "failed integrator authentications" in r.getMessage()]
+    assert line == ("1 address(es) refused for 60 s after 3 failed integrator authentications "
+                    "(auth.failedAuthLimit), the latest 127.0.0.1")
+
+
+async def test_hello_guesses_close_4401_then_4429():
+    async with throttled_server() as srv:
+        for _ in range(3):
+            assert await browser_hello(srv, "wrong") == 4401
+        assert await browser_hello(srv, API_KEY) == 4429
+        assert (await bearer(srv, API_KEY)).status_code == 429
+        assert await browser_hello(srv, API_KEY, source="127.0.0.2") is None
+        # What is not a guess does not count: a first frame that is no hello.
+        other = "127.0.0.3"
+        for _ in range(5):
+            ws = await connect(f"ws://127.0.0.1:{srv.port}/integrator", local_addr=(other, 0))
+            await ws.send('{"type":"notifyEvent"}')
+            with pytest.raises(ConnectionClosed):
+                await recv_json(ws)
+            assert ws.close_code == 4401
+        assert await browser_hello(srv, API_KEY, source=other) is None
+
+
+async def test_failed_agent_tokens_are_not_throttled():
+    async with throttled_server() as srv:
+        for _ in range(10):
+            ws = await connect(f"ws://127.0.0.1:{srv.port}/agent")
+            await send_json(ws, {"type": "hello", "token": "expired-or-wrong"})
+            with pytest.raises(ConnectionClosed):
+                await recv_json(ws)
+            assert ws.close_code == 4401
+        ws = await connect(f"ws://127.0.0.1:{srv.port}/agent")
+        await send_json(ws, {"type": "hello", "token": srv.tokens.issue("agent-7")})
+        assert (await recv_json(ws))["type"] == "welcome"
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_throttled_not_the_proxy():
+    async with throttled_server(trusted_proxies=("127.0.0.1",)) as srv:
+        attacker = {"X-Forwarded-For": "203.0.113.66"}
+        for _ in range(3):
+            assert (await bearer(srv, "wrong-" + "x" * 32, headers=attacker)).status_code == 401
+        assert (await bearer(srv, API_KEY, headers=attacker)).status_code == 429
+        # Another client through the same proxy still gets in.
+        ok = await bearer(srv, API_KEY, headers={"X-Forwarded-For": "198.51.100.20"})
+        assert not hasattr(ok, "status_code")
+        await ok.close()
+
+
+async def test_without_trusted_proxies_a_forged_forwarded_for_does_not_evade_the_throttle():
+    async with throttled_server() as srv:
+        for i in range(3):
+            response = await bearer(srv, "wrong-" + "x" * 32, headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            assert response.status_code == 401
+        assert (await bearer(srv, API_KEY, headers={"X-Forwarded-For": "198.51.100.99"})).status_code == 429
+
+
+def test_config_refuses_a_trusted_proxy_that_is_no_address(tmp_path):
+    from deskpush.server.config import ConfigError, load
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\ntrustedProxies = ['10.0.0.0/8', 'proxy.local']\n")
+    with pytest.raises(ConfigError, match=r"'proxy.local' is not an IP address or network - at \$\.server\.trustedProxies"):
+        load(path)

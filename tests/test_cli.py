@@ -223,7 +223,7 @@ async def banner_of(*args: str, env: dict) -> str:
     )
     try:
         lines = []
-        async with asyncio.timeout(20 * UNIT):
+        async with asyncio.timeout(60 * UNIT):  # a bound for a shared, busy machine, not a speed check
             while not lines or not lines[-1].startswith("  try:"):
                 line = (await proc.stdout.readline()).decode()
                 assert line, (await proc.stderr.read()).decode()
@@ -243,7 +243,7 @@ async def test_banner_prints_no_token_unless_demo_with_a_run_only_secret(tmp_pat
     path.write_text(f"[server]\ndemo = {'true' if demo else 'false'}\n")
     env = {"DESKPUSH_JWT_SECRET": "configured-secret-" + "s" * 32} if secret else {}
     out = await banner_of("--config", str(path), env=env)
-    assert "eyJ" not in out and "token=" not in out, out  # no JWT anywhere
+    assert not re.search(r"eyJ[\w-]*\.[\w-]+\.[\w-]+", out) and "token=" not in out, out  # no JWT anywhere
     assert "listening on ws://127.0.0.1:" in out
     if secret:
         assert "deskpush token AGENT_ID" in out

@@ -123,7 +123,8 @@ async def test_a_silent_connection_is_dropped_at_hello_timeout():
 # server.maxPendingHandshakes
 
 
-async def test_upgrades_past_max_pending_handshakes_get_503_and_health_still_answers():
+async def test_upgrades_past_max_pending_handshakes_get_503_and_health_still_answers(caplog):
+    caplog.set_level("WARNING", logger="deskpush")
     async with server_with(max_pending_handshakes=3) as srv:
         authenticated = [await open_agent(srv, f"agent-{i}") for i in range(4)]  # they do not count
         ig = await open_integrator(srv)  # authenticated by its upgrade request: does not count either
@@ -149,6 +150,11 @@ async def test_upgrades_past_max_pending_handshakes_get_503_and_health_still_ans
             sock.close()
         await eventually(lambda: srv.pending_handshakes, 0)
         await open_agent(srv)
+    # Said at once, then at most once a second (the second refusal came within it, on a machine not
+    # too slow), not once per refusal.
+    lines = [r.getMessage() for r in caplog.records if "503" in r.getMessage()]
+    assert len(lines) <= 2 and lines[0] == ("answered 1 WebSocket upgrade(s) with 503: 4 connections are waiting to authenticate "
+                    "(server.maxPendingHandshakes = 3)")
 
 
 async def test_connections_waiting_for_their_hello_count_until_it_comes():
