@@ -340,3 +340,18 @@ def test_config_refuses_a_trusted_proxy_that_is_no_address(tmp_path):
     path.write_text("[server]\ntrustedProxies = ['10.0.0.0/8', 'proxy.local']\n")
     with pytest.raises(ConfigError, match=r"'proxy.local' is not an IP address or network - at \$\.server\.trustedProxies"):
         load(path)
+
+
+async def test_deskpush_notify_guessing_keys_meets_401_then_429(capsys):
+    from deskpush.server.cli import main as cli_main
+
+    async with throttled_server() as srv:
+        codes = []
+        for key in ["wrong-" + "x" * 32] * 3 + [API_KEY]:
+            argv = ["notify", "--url", f"ws://127.0.0.1:{srv.port}/integrator", "--api-key", key, "--agent", "a"]
+            codes.append(await asyncio.to_thread(cli_main, argv))
+        assert codes == [2, 2, 2, 2]
+        err = capsys.readouterr().err.splitlines()
+        assert err.count("deskpush notify: unauthorized: "
+                         f"ws://127.0.0.1:{srv.port}/integrator refused the API key (HTTP 401); check --api-key") == 3
+        assert err[-1] == f"deskpush notify: cannot connect to ws://127.0.0.1:{srv.port}/integrator: HTTP 429 Too Many Requests"
