@@ -246,7 +246,6 @@ class DeskpushServer:
             self._all_closed.set()
 
 
-
 def _too_many_failures(wait: float) -> Response:
     """429 for an upgrade with an ``Authorization`` header from an address refused for ``wait`` seconds.
 

@@ -125,8 +125,14 @@ class Session:
     def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock, *,
                  accepted_at: float | None = None,
                  on_authenticated: Callable[[Connection], None] | None = None) -> None:
-        """``accepted_at``: when the TCP connection was accepted (epoch ms; None: now), where the
-        ``hello_timeout`` starts; ``on_authenticated`` is called once the connection has proved who it is."""
+        """Start the session of ``conn``, which just opened.
+
+        Args:
+            accepted_at: when the TCP connection was accepted (epoch ms; None:
+                now). The endpoint's ``hello_timeout`` counts from there, so the
+                handshake and the hello share one bound.
+            on_authenticated: called with ``conn`` once it has proved who it is.
+        """
         self.conn = conn
         self.endpoint = endpoint
         self.dispatcher = dispatcher
