@@ -25,7 +25,8 @@
 //   every notifyEvent `result` and by `resumed.lastOutcomeId`.
 // - The server first replays the key's results after that point, then sends
 //   {"type":"resumed","complete":...,"lastOutcomeId":...}. Only then does this
-//   connection carry requests: calls made meanwhile wait, in order.
+//   connection carry requests: calls made meanwhile wait, in order. No
+//   `resumed` within 10 s of starting the connection counts as a drop.
 // - A drop (any close but 4401, including 1001 going away and 1012 service
 //   restart, or a connection that cannot be opened) does not settle anything:
 //   pending calls stay pending. While at least one is pending, cif.js
@@ -81,9 +82,12 @@ const BACKOFF_CAP_MS = 5000;
 // backoff at its first step; a shorter one (a server that accepts, then
 // fails) keeps doubling it.
 const STABLE_MS = 5000;
+// A connection without `resumed` this long after it was started (a connect
+// that hangs, a server that never answers the hello) counts as dropped.
+const RESUME_TIMEOUT_MS = 10000;
 
 let settings = null; // {url, apiKey, agentId}
-let conn = null; // {ws, ready: boolean, readyAt: ms}: the one connection, opening, resuming or ready
+let conn = null; // {ws, ready, readyAt: ms, deadline: timer}: the one connection, opening, resuming or ready
 // The newest outcomeId this page was given: resumeAfter of the next
 // connection. null before the first `resumed` (then "$").
 let position = null;
@@ -216,6 +220,7 @@ function onResumed(c, frame) {
   }
   c.ready = true;
   c.readyAt = Date.now();
+  clearTimeout(c.deadline);
   reconnecting = false;
   // Where this page stands now, by the server's word (after a restart without
   // stateFile, a position of the old server means nothing to the new one).
@@ -240,6 +245,7 @@ function onResumed(c, frame) {
 function onClose(c, ev) {
   if (conn !== c) return; // closed by disconnect() or configure(), which settled everything
   conn = null;
+  clearTimeout(c.deadline);
   const { code, reason } = ev;
   if (code === CLOSE_CODE.UNAUTHORIZED) {
     // Retrying cannot help: the key is wrong or was revoked.
@@ -291,8 +297,13 @@ function connect() {
     emitState("disconnected", {});
     return;
   }
-  const c = { ws, ready: false, readyAt: 0 };
+  const c = { ws, ready: false, readyAt: 0, deadline: null };
   conn = c;
+  c.deadline = setTimeout(() => {
+    if (conn !== c || c.ready) return;
+    onClose(c, { code: CLOSE_CODE.ABNORMAL_CLOSURE, reason: `no resumed within ${RESUME_TIMEOUT_MS / 1000} s` });
+    ws.close();
+  }, RESUME_TIMEOUT_MS);
   ws.addEventListener("open", () => {
     if (conn !== c) return;
     ws.send(JSON.stringify({ type: "hello", apiKey, resumeAfter: position ?? RESUME_NOW }));
@@ -329,7 +340,10 @@ function stop(details, closeReason) {
   reconnecting = false;
   const old = conn;
   conn = null;
-  if (old) old.ws.close(CLOSE_CODE.NORMAL_CLOSURE, closeReason);
+  if (old) {
+    clearTimeout(old.deadline);
+    old.ws.close(CLOSE_CODE.NORMAL_CLOSURE, closeReason);
+  }
   rejectAll(ERROR_MESSAGE.REJECT_AFTER_CLIENT, details);
   if (wasActive) emitState("disconnected", { code: CLOSE_CODE.NORMAL_CLOSURE, reason: closeReason });
 }

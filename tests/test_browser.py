@@ -960,6 +960,35 @@ async def test_cif_too_large_then_unauthorized(browser: Any, server: DeskpushSer
     assert page.errors == []
 
 
+async def test_cif_gives_up_on_a_connection_that_never_resumes(browser: Any, server: DeskpushServer) -> None:
+    """Opened, hello sent, no `resumed`: after 10 s it counts as a drop, and the call waits for the next one."""
+    wire = Wire()
+    page = await browser.new_page()
+    watch(page)
+    await page.clock.install()
+    await wire.install(page)
+    await page.goto(f"http://127.0.0.1:{server.port}/integrator.html")
+    await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+    await page.evaluate(CIF_HARNESS)
+    await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    await call(page, "n1", NOTIFY)
+    c1 = await wire.conn(1)
+    await c1.frame("hello")
+    await page.clock.run_for(9900)
+    assert await states(page) == ["connecting"]
+    await page.clock.run_for(200)
+    dropped = (await page.evaluate("window.__states"))[-1]
+    assert dropped["state"] == "reconnecting" and "no resumed" in dropped["reason"], dropped
+    await page.clock.run_for(dropped["delayMs"] + 10)
+    c2 = await wire.conn(2)
+    assert (await c2.frame("hello"))["resumeAfter"] == "$"
+    c2.resumed(oid(0))
+    r1 = (await c2.frame("notifyEvent"))["requestId"]
+    c2.send({"type": "result", "requestId": r1, "value": ACCEPTED, "outcomeId": oid(1)})
+    assert await settled(page, "n1") == {"value": {"value": ACCEPTED}}
+    assert page.errors == []
+
+
 # ---------------------------------------------------------------------------
 # The screenshot for the README
 
