@@ -990,6 +990,136 @@ async def test_cif_gives_up_on_a_connection_that_never_resumes(browser: Any, ser
 
 
 # ---------------------------------------------------------------------------
+# cif.js against a real server that restarts
+
+
+def socket_noise(errors: list[str]) -> list[str]:
+    """The page's errors but Chromium's own lines for a WebSocket that could not connect."""
+    return [e for e in errors if "WebSocket connection to" not in e]
+
+
+@pytest.mark.parametrize("order", ["resend", "replay"])
+async def test_cif_example_settles_across_a_server_restart(browser: Any, tmp_path: Path, order: str) -> None:
+    """CIF's own example, pending while the server restarts with its stateFile, gets its real outcome.
+
+    ``resend``: cif.js is back before the agent answers; it sends the
+    notifyEvent again with its requestId, which claims the restored offer (no
+    second card) and gets its result. ``replay``: the agent answers while
+    cif.js is still away; the outcome waits in the key's history and comes
+    back in the replay before ``resumed``.
+    """
+    state_file = tmp_path / "state.json"
+    srv = DeskpushServer(restart_config(0, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv.start()
+    port = srv.port
+    blocked = False
+
+    async def gate(route: Any) -> None:
+        # While blocked, cif.js's connections are refused as by a restarting server.
+        if blocked:
+            await route.close(code=1012, reason="blocked by the test")
+        else:
+            route.connect_to_server()
+
+    try:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await browser.new_page()
+        watch(page)
+        logged: list[Any] = []
+
+        async def on_console(msg: Any) -> None:
+            if msg.type == "log":
+                logged.append(await msg.args[0].json_value() if msg.args else msg.text)
+
+        page.on("console", on_console)
+        await page.route_web_socket("**/integrator", gate)
+        await page.goto(f"http://127.0.0.1:{srv.port}/integrator.html")
+        await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+        await page.evaluate(CIF_HARNESS)
+        await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+        example = asyncio.create_task(page.evaluate(CIF_EXAMPLE))
+        await expect(desktop.locator(".card")).to_have_count(1)
+        nid = await desktop.locator(".card").get_attribute("data-notification-id")
+        pill = page.locator("#connection")
+        await expect(pill).to_have_attribute("data-state", "connected")
+        blocked = order == "replay"
+    finally:
+        await srv.close()  # 1001 to every connection; the pending offer goes to the state file
+    await expect(pill).to_have_attribute("data-state", "reconnecting")
+    await expect(pill).to_contain_text("1 pending")
+    assert not example.done() and logged == []
+
+    srv2 = DeskpushServer(restart_config(port, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv2.start()
+    try:
+        await expect(desktop.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        accept = card(desktop, nid).get_by_role("button", name="Accept: New chat request")
+        if order == "resend":
+            await expect(pill).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+            # The same offer, once: the resent notifyEvent made no second one.
+            await expect(desktop.locator(".card")).to_have_count(1)
+            await expect(accept).to_be_enabled()
+            await accept.click()
+        else:
+            await accept.click()
+            await expect(card(desktop, nid)).to_have_count(0)
+            await asyncio.sleep(0.3)
+            assert not example.done()
+            blocked = False
+            await expect(pill).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        await asyncio.wait_for(example, 10 * UNIT)
+        await eventually(lambda: logged, [{"value": {"actionName": "Accept", "responseReason": "Accept"}}])
+        await expect(desktop.locator(".card")).to_have_count(0)
+        await asyncio.sleep(0.3)
+        await expect(desktop.locator(".card")).to_have_count(0)  # and no second offer after it
+        resumed = await page.evaluate("window.__states.filter((s) => s.state === 'connected')")
+        assert [s["complete"] for s in resumed] == [True, True], resumed
+        if order == "replay":
+            assert resumed[-1]["replayed"] == 1
+        assert socket_noise(page.errors) == []
+    finally:
+        await srv2.close()
+
+
+async def test_cif_outcome_unknown_after_a_restart_without_state(browser: Any) -> None:
+    """Restarted without stateFile, the server cannot vouch for the pending offer: OutcomeUnknownError."""
+    srv = DeskpushServer(restart_config(0), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv.start()
+    port = srv.port
+    try:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await cif_page(browser, srv)
+        await call(page, "n1", "Microsoft.CIFramework.notifyEvent("
+                               "{templateName: 'msdyn_chat_incoming_unauthenticated', templateParameters: {}})")
+        await expect(desktop.locator(".card")).to_have_count(1)
+    finally:
+        await srv.close()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    assert await unsettled(page, "n1")
+
+    srv2 = DeskpushServer(restart_config(port), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv2.start()
+    try:
+        error = (await settled(page, "n1", timeout=15))["error"]
+        assert error["message"] == "OutcomeUnknownError" and error["msdyn_name"] == "NotifyEvent"
+        connected = (await page.evaluate("window.__states"))[-1]
+        assert connected["state"] == "connected" and connected["complete"] is False
+        assert error["details"] == connected["details"] and error["details"], error  # the server's words
+        await expect(page.locator("#form-message")).to_contain_text("could not be recovered")
+        # The offer was not sent again: the desktop, back too, shows nothing.
+        await expect(desktop.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        await expect(desktop.locator(".card")).to_have_count(0)
+        # The next call goes through on the resumed connection.
+        await call(page, "n2", "Microsoft.CIFramework.notifyEvent("
+                               "{templateName: 'msdyn_chat_incoming_unauthenticated', templateParameters: {}})")
+        await desktop.locator(".card").get_by_role("button", name="Accept: New chat request").click()
+        assert await settled(page, "n2") == {"value": {"value": {"actionName": "Accept", "responseReason": "Accept"}}}
+        assert socket_noise(page.errors) == []
+    finally:
+        await srv2.close()
+
+
+# ---------------------------------------------------------------------------
 # The screenshot for the README
 
 
