@@ -971,6 +971,8 @@ async def test_cif_gives_up_on_a_connection_that_never_resumes(browser: Any, ser
     await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
     await page.evaluate(CIF_HARNESS)
     await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    # The installed clock still runs with real time; stop it so that only run_for moves it.
+    await page.clock.pause_at(await page.evaluate("Date.now()") + 1000)
     await call(page, "n1", NOTIFY)
     c1 = await wire.conn(1)
     await c1.frame("hello")
