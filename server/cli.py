@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from ..client import LOST_DETAILS, CIFError, Integrator, IntegratorError, Status, UnauthorizedError
+from ..client import CIFError, Integrator, IntegratorError, OutcomeUnknownError, Status, UnauthorizedError
 from . import __version__, logs
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
 
@@ -233,11 +233,14 @@ def cmd_notify(args: argparse.Namespace) -> int:
         return 2
     try:
         return _run(functools.partial(_notify_main, args))
+    except OutcomeUnknownError as exc:
+        # Refused by nobody: the connection broke and the outcome cannot be
+        # learnt any more. A connection problem; the offer may still be live.
+        token = f"; cancel it with cancellationToken {exc.cancellation_token}" if exc.cancellation_token else ""
+        print(f"{prog}: {exc.message}: {exc.details}; the notification may still be pending on the server{token}",
+              file=sys.stderr)
+        return 2
     except CIFError as exc:
-        if exc.details == LOST_DETAILS:
-            # Refused by nobody: the connection broke. A connection problem.
-            print(f"{prog}: {LOST_DETAILS}", file=sys.stderr)
-            return 2
         print(f"error: {exc.message} ({exc.msdyn_name}): {exc.details}", file=sys.stderr)
         return 1
     except UnauthorizedError as exc:
