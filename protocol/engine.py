@@ -15,7 +15,7 @@ opaque hashable handles chosen by the caller. ``next_deadline()`` says when
 
 An integrator is named by the API key its connection authenticated with
 (``integrator`` everywhere below): its connections share cancellation tokens
-and unclaimed outcomes.
+and one history of outcomes (``_Key``).
 
 A notification moves through::
 
@@ -51,7 +51,26 @@ When an agent's last session drops, its timers keep running; a session that
 returns within ``presence_grace`` gets the displayed notifications replayed. If
 none returns, every pending notification ends with Reject/AgentDisconnected and
 the agent is forgotten. An integrator that disconnects does not cancel its
-notifications: their outcomes are kept (bounded) in ``unclaimed(integrator)``.
+notifications.
+
+Outcomes across an integrator's reconnects (protocol v1.1)
+---------------------------------------------------------
+Every outcome gets an ``outcomeId`` from one clock per engine (``OutcomeClock``:
+epoch ms and a sequence, so ids sort as strings in the order outcomes
+happened) and its ``result`` frame is kept, in order, in its integrator's
+history, bounded by ``outcome_history`` and ``outcome_retention`` and trimmed
+early by ``ack``. A connection that connects with a resume point (``$``: now)
+is *resuming*: it is first sent every kept result after that point, then
+``resumed`` saying how many and whether the history reached back that far
+(nothing after the point was forgotten, and the point is not older than the
+engine's history, which starts with the process or comes back from a
+snapshot). On resuming connections a notifyEvent whose requestId is known
+does not make a new offer: a pending one answers with its ``status`` and
+moves to the asking connection, an ended one with its kept ``result``.
+
+A result goes to the connection that asked (or last asked again), if open;
+otherwise to every resuming connection of the integrator; and always to the
+history.
 
 Ended notifications are remembered (bounded by ``recent_outcomes``) as a small
 record, so a late respond or cancelEvent still gets a definite answer.
@@ -116,6 +135,9 @@ __all__ = [
     "AGENT_DISCONNECTED",
     "Snapshot",
     "SavedNotification",
+    "SavedOutcome",
+    "SavedHistory",
+    "OutcomeClock",
 ]
 
 Conn = Hashable
@@ -158,7 +180,8 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     queue_timeout: Annotated[float, Meta(gt=0)] = 120.0
     presence_grace: Annotated[float, Meta(ge=0)] = 30.0
     recent_outcomes: Annotated[int, Meta(ge=0)] = 100_000
-    unclaimed_outcomes: Annotated[int, Meta(ge=0)] = 1000
+    outcome_history: Annotated[int, Meta(ge=0)] = 100_000
+    outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
 
 
@@ -207,6 +230,59 @@ class _Remembered(msgspec.Struct, frozen=True, gc=False):
     integrator: str
     token: str
     outcome: Outcome
+
+
+class _Kept(msgspec.Struct, frozen=True, gc=False):
+    """An outcome in its integrator's history: its result frame as sent, and what retention needs."""
+
+    result: f.Result  # with its outcome_id
+    agent_id: str
+    ended_at: float
+
+
+@dataclass(slots=True, eq=False)
+class _Key:
+    """An integrator (an API key's name): its connections and its history of outcomes."""
+
+    name: str
+    history: deque[_Kept] = field(default_factory=deque)  # oldest first, in outcomeId order
+    ended: dict[str, _Kept] = field(default_factory=dict)  # the same, by requestId
+    pending: dict[str, _Notification] = field(default_factory=dict)  # by requestId
+    resuming: tuple[Conn, ...] = ()  # its open connections that asked to resume (v1.1)
+    forgotten: str = ""  # the newest outcomeId dropped from the history ("": none)
+
+
+class OutcomeClock:
+    """The engine's outcome clock: ids ``"<13-digit ms>-<6-digit sequence>"`` that only grow.
+
+    The millisecond is the caller's ``now`` unless that is behind the last id
+    (a clock step back, or a restored snapshot from a faster clock); a
+    sequence that would pass 999999 moves on to the next millisecond.
+    """
+
+    __slots__ = ("ms", "seq")
+
+    def __init__(self, ms: int = 0, seq: int = 0) -> None:
+        self.ms = ms
+        self.seq = seq
+
+    @classmethod
+    def parse(cls, outcome_id: str) -> OutcomeClock:
+        ms, _, seq = outcome_id.partition("-")
+        return cls(int(ms), int(seq))
+
+    def last(self) -> str:
+        return f"{self.ms:013d}-{self.seq:06d}"
+
+    def next(self, now: float) -> str:
+        ms = int(now)
+        if ms > self.ms:
+            self.ms, self.seq = ms, 0
+        elif self.seq < 999_999:
+            self.seq += 1
+        else:
+            self.ms, self.seq = self.ms + 1, 0
+        return f"{self.ms:013d}-{self.seq:06d}"
 
 
 @dataclass(slots=True, eq=False)
@@ -294,12 +370,39 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
     frame: f.Notification | None = None
 
 
-class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
-    """Every pending notification, per agent in display then queue order."""
+class SavedOutcome(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
+    """An outcome in an integrator's history, as kept across a restart."""
 
-    version: int = 1
+    outcome_id: str
+    request_id: str
+    agent_id: str
+    action_name: str
+    response_reason: str
+    ended_at: float
+
+
+class SavedHistory(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    """An integrator's history of outcomes, oldest first."""
+
+    integrator: str
+    forgotten: str = ""
+    outcomes: tuple[SavedOutcome, ...] = ()
+
+
+class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    """Every pending notification, per agent in display then queue order, and the outcome histories.
+
+    Version 1 had no histories; ``history_start`` is where the engine's
+    histories begin (the first start without a snapshot), ``last_outcome_id``
+    the newest outcomeId issued.
+    """
+
+    version: int = 2
     saved_at: float = 0.0
     notifications: tuple[SavedNotification, ...] = ()
+    history_start: str | None = None
+    last_outcome_id: str | None = None
+    histories: tuple[SavedHistory, ...] = ()
 
 
 def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
@@ -345,14 +448,16 @@ class Engine:
         self._new_id = new_id or id_factory()
         self._agents: dict[str, _Agent] = {}
         self._sessions: dict[Conn, _Agent] = {}  # agent session -> its agent
-        self._integrators: dict[Conn, str] = {}  # integrator connection -> integrator
+        self._integrators: dict[Conn, _Key] = {}  # integrator connection -> its integrator
+        self._keys: dict[str, _Key] = {}  # every integrator seen, by name
         self._owned: dict[Conn, set[_Notification]] = {}  # connection -> pending ones it is owed results of
         self._live: dict[str, _Notification] = {}  # every pending notification, by id
         self._tokens: dict[tuple[str, str], _Notification] = {}  # the same, by (integrator, token)
         self._recent: OrderedDict[str, _Remembered] = OrderedDict()  # ended, oldest first, by id
         self._recent_tokens: dict[tuple[str, str], _Remembered] = {}  # the same, by (integrator, token)
-        self._unclaimed: dict[str, deque[tuple[str, Outcome]]] = {}  # by integrator
         self._timers: Timers[_Timer] = Timers(_timer_stands)
+        self._ids = OutcomeClock()
+        self._history_start: str | None = None  # set by the first event, or a snapshot
         self.outcomes = 0
 
     # ------------------------------------------------------------------
@@ -393,9 +498,14 @@ class Engine:
         ended = self._recent.get(notification_id)
         return ended.outcome if ended is not None else None
 
-    def unclaimed(self, integrator: str) -> list[tuple[str, Outcome]]:
-        """Outcomes whose integrator connection was gone: (requestId, outcome)."""
-        return list(self._unclaimed.get(integrator, ()))
+    def history(self, integrator: str) -> list[f.Result]:
+        """The kept results of ``integrator``'s notifyEvents, oldest first (each with its outcomeId)."""
+        key = self._keys.get(integrator)
+        return [kept.result for kept in key.history] if key else []
+
+    def last_outcome_id(self) -> str:
+        """The newest outcomeId issued (or where the history starts, if none yet)."""
+        return self._ids.last()
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -406,6 +516,7 @@ class Engine:
             "displayed": sum(len(a.displayed) for a in self._agents.values()),
             "outcomes": self.outcomes,
             "remembered": len(self._recent),
+            "history": sum(len(k.history) for k in self._keys.values()),
             "timers": self._timers.size,
         }
 
@@ -481,17 +592,92 @@ class Engine:
     # ------------------------------------------------------------------
     # Integrator events
 
-    def integrator_connected(self, conn: Conn, integrator: str, now: float) -> list[Effect]:
-        """A connection authenticated with the API key named ``integrator``."""
-        self._integrators[conn] = integrator
-        return []
+    def integrator_connected(self, conn: Conn, integrator: str, now: float,
+                             resume_after: str | None = None) -> list[Effect]:
+        """A connection authenticated with the API key named ``integrator``.
+
+        With ``resume_after`` (an outcomeId, or ``"$"``: from now) it is a
+        resuming connection: it is sent the kept results after that point,
+        then ``resumed``. See the module docstring.
+        """
+        key = self._key(integrator)
+        self._integrators[conn] = key
+        if resume_after is None:
+            return []
+        out: list[Effect] = []
+        # Deadlines already due end first, so their results are in the replay,
+        # not sent again live to this connection.
+        self._run_due(now, None, out)
+        self._start(now)
+        key.resuming += (conn,)
+        self._trim(key, now)
+        last = self._ids.last()
+        if resume_after == f.RESUME_NOW:
+            out.append(Send((conn,), f.Resumed(count=0, complete=True, last_outcome_id=last)))
+            return out
+        replay = []
+        for kept in reversed(key.history):
+            if kept.result.outcome_id <= resume_after:  # type: ignore[operator]
+                break
+            replay.append(kept.result)
+        replay.reverse()
+        out.extend(Send((conn,), result) for result in replay)
+        details = ""
+        if resume_after > last:
+            details = f"resumeAfter {resume_after} is newer than any outcome of this server ({last})"
+        elif resume_after < self._history_start:  # type: ignore[operator]
+            details = (f"this server's history starts at {self._history_start}, after resumeAfter "
+                       f"{resume_after} (restarted without server.stateFile?)")
+        elif resume_after < key.forgotten:
+            details = (f"outcomes after resumeAfter {resume_after} up to {key.forgotten} were forgotten "
+                       "(limits.outcomeHistory, limits.outcomeRetention, or an ack)")
+        out.append(Send((conn,), f.Resumed(count=len(replay), complete=not details, last_outcome_id=last,
+                                           details=details)))
+        return out
 
     def integrator_disconnected(self, conn: Conn, now: float) -> list[Effect]:
-        """Its notifications run on; their outcomes become unclaimed."""
-        self._integrators.pop(conn, None)
+        """Its notifications run on; their results go to the history (and resuming connections)."""
+        key = self._integrators.pop(conn, None)
+        if key is not None and conn in key.resuming:
+            key.resuming = tuple(c for c in key.resuming if c != conn)
         for n in self._owned.pop(conn, ()):
             n.owner = None
         return []
+
+    def _key(self, integrator: str) -> _Key:
+        key = self._keys.get(integrator)
+        if key is None:
+            key = self._keys[integrator] = _Key(integrator)
+        return key
+
+    def _start(self, now: float) -> None:
+        """Start the outcome clock and the histories at the first ``now`` (unless a snapshot did)."""
+        if self._history_start is None:
+            if int(now) > self._ids.ms:
+                self._ids = OutcomeClock(int(now), 0)
+            self._history_start = self._ids.last()
+
+    def _trim(self, key: _Key, now: float) -> None:
+        """Forget the oldest outcomes beyond ``outcome_history`` or older than ``outcome_retention``."""
+        history = key.history
+        if not history:
+            return
+        cap = self.limits.outcome_history
+        horizon = now - self.limits.outcome_retention * 1000.0
+        while history and (len(history) > cap or history[0].ended_at < horizon):
+            self._forget(key, history.popleft())
+
+    def _forget(self, key: _Key, kept: _Kept) -> None:
+        rid = kept.result.request_id
+        if key.ended.get(rid) is kept:
+            del key.ended[rid]
+        key.forgotten = kept.result.outcome_id  # type: ignore[assignment]
+
+    def _ack(self, key: _Key, outcome_id: str) -> None:
+        """The integrator stored every outcome up to ``outcome_id``: forget them."""
+        history = key.history
+        while history and history[0].result.outcome_id <= outcome_id:  # type: ignore[operator]
+            self._forget(key, history.popleft())
 
     def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
@@ -502,6 +688,8 @@ class Engine:
                 self._notify(conn, frame, now, out)
             case f.CancelEvent():
                 self._cancel(conn, frame, now, out)
+            case f.Ack():
+                self._ack(self._integrators[conn], frame.outcome_id)
             case f.IntegratorHello():
                 out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
                     message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,
@@ -510,8 +698,11 @@ class Engine:
 
     def _notify(self, conn: Conn, frame: f.NotifyEvent, now: float, out: list[Effect]) -> None:
         """Refuse ``frame`` with an error, or make its notification and place it."""
-        integrator = self._integrators[conn]
+        key = self._integrators[conn]
+        integrator = key.name
         rid = frame.request_id
+        if conn in key.resuming and self._notify_again(conn, key, frame, out):
+            return
         inp = frame.input
         render = self._renderers.get(inp.template_name)
         if render is None:
@@ -553,6 +744,38 @@ class Engine:
         )
         self._place(n, now, out)
 
+    def _notify_again(self, conn: Conn, key: _Key, frame: f.NotifyEvent, out: list[Effect]) -> bool:
+        """Answer a notifyEvent whose requestId is known (True), or leave it to ``_notify`` (False).
+
+        A pending one answers with its status, and its result will go to
+        ``conn``; an ended one with the result it had.
+        """
+        rid = frame.request_id
+        n = key.pending.get(rid)
+        kept = key.ended.get(rid) if n is None else None
+        if n is None and kept is None:
+            return False
+        agent_id = n.agent.id if n is not None else kept.agent_id  # type: ignore[union-attr]
+        if agent_id != frame.agent_id:
+            out.append(Send((conn,), _notify_error(
+                rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                f"requestId {rid!r} was already used for agent {agent_id!r} - at $.requestId")))
+        elif n is not None:
+            if n.owner is not conn:
+                old = self._owned.get(n.owner) if n.owner is not None else None
+                if old is not None:
+                    old.discard(n)
+                n.owner = conn
+                owned = self._owned.get(conn)
+                if owned is None:
+                    owned = self._owned[conn] = set()
+                owned.add(n)
+            out.append(Send((conn,), f.Status(request_id=rid, notification_id=n.id, cancellation_token=n.token,
+                                              state=n.state.value)))
+        else:
+            out.append(Send((conn,), kept.result))  # type: ignore[union-attr]
+        return True
+
     def _place(self, n: _Notification, now: float, out: list[Effect]) -> None:
         """Display a new notification, queue it, or end it if the queue is full."""
         agent = n.agent
@@ -563,6 +786,7 @@ class Engine:
         conn = n.owner
         self._live[n.id] = n
         self._tokens[(n.integrator, n.token)] = n
+        self._keys[n.integrator].pending[n.request_id] = n
         owned = self._owned.get(conn)
         if owned is None:
             owned = self._owned[conn] = set()
@@ -579,8 +803,11 @@ class Engine:
             self._queue_changed(agent, out)
 
     def _cancel(self, conn: Conn, frame: f.CancelEvent, now: float, out: list[Effect]) -> None:
-        """End the notification of the token if pending; answer with its outcome either way."""
-        integrator = self._integrators[conn]
+        """End the notification of the token if pending; answer with its outcome either way.
+
+        Asked again, it gives the same answer: the token's recorded outcome.
+        """
+        integrator = self._integrators[conn].name
         token = frame.cancellation_token
         n = self._tokens.get((integrator, token))
         if n is not None:
@@ -703,7 +930,7 @@ class Engine:
         agent = n.agent
         integrator = n.integrator
         owner = n.owner
-        n.owner = None  # answered below (or unclaimed): owed nothing, and not kept open by a stale timer
+        n.owner = None  # answered below: owed nothing, and not kept open by a stale timer
         self.outcomes += 1
         token_key = (integrator, n.token)
         if self._live.pop(n.id, None) is not None:
@@ -716,14 +943,27 @@ class Engine:
         if self.limits.recent_outcomes:
             self._remember(_Remembered(n.id, agent.id, integrator, n.token, outcome), token_key)
 
-        delivered = owner is not None
-        if delivered:
-            out.append(Send((owner,), f.Result(request_id=n.request_id, value=_VALUES[outcome])))
-        elif self.limits.unclaimed_outcomes:
-            box = self._unclaimed.get(integrator)
-            if box is None:
-                box = self._unclaimed[integrator] = deque(maxlen=self.limits.unclaimed_outcomes)
-            box.append((n.request_id, outcome))
+        if self._history_start is None:
+            self._start(now)
+        rid = n.request_id
+        result = f.Result(request_id=rid, value=_VALUES[outcome], outcome_id=self._ids.next(now))
+        key = self._keys[integrator]
+        if key.pending.get(rid) is n:
+            del key.pending[rid]
+        kept = _Kept(result, agent.id, now)
+        key.history.append(kept)
+        key.ended[rid] = kept
+        limits = self.limits
+        if (len(key.history) > limits.outcome_history
+                or key.history[0].ended_at < now - limits.outcome_retention * 1000.0):
+            self._trim(key, now)
+        if owner is not None:
+            out.append(Send((owner,), result))
+            delivered = True
+        else:
+            delivered = bool(key.resuming)
+            if delivered:
+                out.append(Send(key.resuming, result))
         out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
 
         if was is DISPLAYED:
@@ -781,7 +1021,7 @@ class Engine:
     # Keeping pending notifications across a restart
 
     def snapshot(self, now: float) -> Snapshot:
-        """The pending notifications, to hand to ``restore`` in the next process."""
+        """The pending notifications and the outcome histories, to hand to ``restore`` in the next process."""
         saved = []
         for agent in self._agents.values():
             for n in itertools.chain(agent.displayed, agent.queue):
@@ -791,18 +1031,44 @@ class Engine:
                     template=n.template, title=n.title, fields=n.fields, state=n.state.value,
                     deadline=n.deadline, frame=n.frame,
                 ))
-        return Snapshot(saved_at=now, notifications=tuple(saved))
+        histories = []
+        for key in self._keys.values():
+            self._trim(key, now)
+            histories.append(SavedHistory(integrator=key.name, forgotten=key.forgotten, outcomes=tuple(
+                SavedOutcome(outcome_id=k.result.outcome_id, request_id=k.result.request_id, agent_id=k.agent_id,
+                             action_name=k.result.value.action_name, response_reason=k.result.value.response_reason,
+                             ended_at=k.ended_at)
+                for k in key.history)))
+        return Snapshot(saved_at=now, notifications=tuple(saved), history_start=self._history_start,
+                        last_outcome_id=self._ids.last() if self._history_start is not None else None,
+                        histories=tuple(histories))
 
     def restore(self, snapshot: Snapshot, now: float) -> list[Effect]:
-        """Take back the notifications of ``snapshot``, keeping their deadlines.
+        """Take back the notifications and outcome histories of ``snapshot``, keeping deadlines and ids.
 
         Their agents start with no session and a fresh presence grace, so a
         desktop that reconnects in time gets its displayed notifications
-        replayed; their integrator connections are gone, so outcomes become
-        unclaimed. A deadline that passed while the server was down fires at
-        the next ``handle_timer``.
+        replayed; their integrator connections are gone, so results go to the
+        history until a resuming connection (or a retried notifyEvent) claims
+        them. A deadline that passed while the server was down fires at the
+        next ``handle_timer``. Call it before any other event.
         """
         out: list[Effect] = []
+        if snapshot.history_start is not None and self._history_start is None:
+            self._history_start = snapshot.history_start
+            if snapshot.last_outcome_id is not None:
+                self._ids = OutcomeClock.parse(snapshot.last_outcome_id)
+            for h in snapshot.histories:
+                key = self._key(h.integrator)
+                key.forgotten = h.forgotten
+                for o in h.outcomes:
+                    outcome = Outcome(o.action_name, o.response_reason)
+                    kept = _Kept(f.Result(request_id=o.request_id, value=_VALUES.get(outcome) or f.NotifyValue(
+                        action_name=o.action_name, response_reason=o.response_reason), outcome_id=o.outcome_id),
+                        o.agent_id, o.ended_at)
+                    key.history.append(kept)
+                    key.ended[o.request_id] = kept
+                self._trim(key, now)
         grace = now + self.limits.presence_grace * 1000.0
         for s in snapshot.notifications:
             if s.id in self._live or (s.integrator, s.cancellation_token) in self._tokens:
@@ -819,6 +1085,7 @@ class Engine:
             )
             self._live[n.id] = n
             self._tokens[(n.integrator, n.token)] = n
+            self._key(n.integrator).pending[n.request_id] = n
             if n.state is DISPLAYED and n.frame is not None:
                 agent.displayed.append(n)
                 self._arm(n.deadline, _DisplayTimer(n))

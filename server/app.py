@@ -29,7 +29,14 @@ from .clock import LoopClock
 from .config import Config
 from .connection import Connection, ConnectionOptions
 from .dispatch import Dispatcher
-from .endpoints import Endpoint, Session, agent_endpoint, integrator_endpoint, refuse_bad_bearer
+from .endpoints import (
+    Endpoint,
+    Session,
+    agent_endpoint,
+    integrator_endpoint,
+    refuse_bad_bearer,
+    refuse_bad_resume_point,
+)
 from .state import StateFile
 from .web import Site
 
@@ -155,7 +162,7 @@ class DeskpushServer:
         if path == "/agent":
             return None
         if path == "/integrator":
-            return refuse_bad_bearer(self.api_keys, request)
+            return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
         return self.site.respond(path)
 
     def open(self, conn: Connection) -> Session:

@@ -14,13 +14,16 @@ takes the same path, whichever the endpoint:
 What differs is in ``Endpoint``: the decoder, the hello and how to check it,
 which engine events a session maps to, the error frame for a bad frame, and
 the rate. An integrator may also authenticate on the upgrade request
-(``Authorization: Bearer``), and then sends no hello.
+(``Authorization: Bearer``), and then sends no hello; its resume point (v1.1)
+is then the request's ``resumeAfter`` query parameter.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -75,7 +78,8 @@ class Endpoint:
     hello: type
     #: The identity a hello proves (agent id, integrator name), or None.
     authenticate: Callable[[Any], str | None]
-    connected: Callable[[Connection, str, float], list[Effect]]
+    #: The engine event for an authenticated session: (connection, identity, its hello or None, now).
+    connected: Callable[[Connection, str, Any, float], list[Effect]]
     frame: Callable[[Connection, Any, float], list[Effect]]
     disconnected: Callable[[Connection, float], list[Effect]]
     #: The error frame for a message that does not decode.
@@ -105,7 +109,7 @@ class Session:
         if self.identity is None:
             self.hello_timer = clock.call_at(now + endpoint.hello_timeout * 1000.0, self._hello_timed_out)
         else:
-            self._authenticated(self.identity, now)
+            self._authenticated(self.identity, None, now)
 
     def message(self, data: bytes) -> None:
         now = self.clock.now()
@@ -145,10 +149,10 @@ class Session:
             self.hello_timer.cancel()
             self.hello_timer = None
         self.identity = identity
-        self._authenticated(identity, now)
+        self._authenticated(identity, hello, now)
 
-    def _authenticated(self, identity: str, now: float) -> None:
-        self.dispatcher.apply(self.endpoint.connected(self.conn, identity, now))
+    def _authenticated(self, identity: str, hello: Any, now: float) -> None:
+        self.dispatcher.apply(self.endpoint.connected(self.conn, identity, hello, now))
         log.debug("%s %s connected from %s", self.endpoint.name, identity, self.conn.remote_address)
 
     def _hello_timed_out(self) -> None:
@@ -165,7 +169,7 @@ def agent_endpoint(engine: Engine, tokens: AgentTokens, *, rate: float, burst: f
                    hello_timeout: float) -> Endpoint:
     """``/agent``: a desktop session, authenticated by the agent's JWT in its hello."""
 
-    def connected(conn: Connection, agent_id: str, now: float) -> list[Effect]:
+    def connected(conn: Connection, agent_id: str, hello: Any, now: float) -> list[Effect]:
         return engine.agent_connected(conn, agent_id, secrets.token_hex(8), now)
 
     return Endpoint(
@@ -187,8 +191,12 @@ def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: fl
                         hello_timeout: float) -> Endpoint:
     """``/integrator``: an API key, on the upgrade request (Bearer) or in the hello."""
 
-    def connected(conn: Connection, integrator: str, now: float) -> list[Effect]:
-        return engine.integrator_connected(conn, integrator, now)
+    def connected(conn: Connection, integrator: str, hello: f.IntegratorHello | None, now: float) -> list[Effect]:
+        resume = hello.resume_after if hello is not None else None
+        if resume is None:
+            assert conn.request is not None
+            resume = resume_point(conn.request)
+        return engine.integrator_connected(conn, integrator, now, resume)
 
     return Endpoint(
         name="integrator",
@@ -212,6 +220,28 @@ def refuse_bad_bearer(keys: ApiKeys, request: Request) -> Response | None:
     if header is not None and keys.check_bearer(header) is None:
         return plain(HTTPStatus.UNAUTHORIZED, f"{ErrorMessage.UNAUTHORIZED}\n",
                      [("WWW-Authenticate", 'Bearer realm="deskpush"')])
+    return None
+
+
+_RESUME_POINT = re.compile(r"\$|[0-9]{13}-[0-9]{6}")  # frames.ResumePoint
+
+
+def resume_point(request: Request) -> str | None:
+    """The ``resumeAfter`` query parameter of an upgrade request (None if absent or malformed)."""
+    query = request.path.partition("?")[2]
+    if "resumeAfter" not in query:
+        return None
+    values = urllib.parse.parse_qs(query).get("resumeAfter")
+    if not values or len(values) > 1 or not _RESUME_POINT.fullmatch(values[0]):
+        return None
+    return values[0]
+
+
+def refuse_bad_resume_point(request: Request) -> Response | None:
+    """400 for an upgrade request to ``/integrator`` whose ``resumeAfter`` is not an outcomeId or ``$``."""
+    query = request.path.partition("?")[2]
+    if "resumeAfter" in query and resume_point(request) is None:
+        return plain(HTTPStatus.BAD_REQUEST, "resumeAfter must be an outcomeId (as 1764460800123-000004) or $\n")
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,19 @@ VOICE = "msdyn_voicecall_incoming_unauthenticated"
 AUTO = "msdyn_chat_incoming_autoaccept"
 
 BUILTINS: dict[str, Template] = {t.name: t for t in BUILTIN_TEMPLATES}
+
+
+class _OutcomeIdPattern:
+    """Equal to any string shaped like an outcomeId, for comparing wire frames."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.fullmatch(r"[0-9]{13}-[0-9]{6}", other) is not None
+
+    def __repr__(self) -> str:
+        return "OUTCOME_ID"
+
+
+OUTCOME_ID: Any = _OutcomeIdPattern()
 
 
 def id_number(ident: str) -> int:
@@ -141,8 +155,12 @@ class Harness:
 
     # Integrators ----------------------------------------------------------
 
-    def integrator(self, conn: str, integrator: str = "k1") -> list[Effect]:
-        return self._record(self.engine.integrator_connected(conn, integrator, self.now))
+    def integrator(self, conn: str, integrator: str = "k1", resume_after: str | None = None) -> list[Effect]:
+        return self._record(self.engine.integrator_connected(conn, integrator, self.now, resume_after))
+
+    def ack(self, conn: str, outcome_id: str) -> list[Effect]:
+        frame = f.INTEGRATOR_DECODER.decode(json.dumps({"type": "ack", "outcomeId": outcome_id}))
+        return self._record(self.engine.integrator_frame(conn, frame, self.now))
 
     def integrator_gone(self, conn: str) -> list[Effect]:
         return self._record(self.engine.integrator_disconnected(conn, self.now))

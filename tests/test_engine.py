@@ -28,6 +28,7 @@ from deskpush.protocol.templates import FieldTemplate, Template
 
 from .engine_helpers import (
     AUTO,
+    OUTCOME_ID,
     CHAT,
     CHAT_AUTH,
     T0,
@@ -108,7 +109,7 @@ def test_cif_example_empty_parameters_accept():
     assert note.title == "New chat request" and note.fields == ()
     out = h.respond("s1", note.notification_id, "Accept")
     assert [wire(x) for x in sent_to(out, "i1")] == [
-        {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "Accept"}},
+        {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "Accept"}, "outcomeId": OUTCOME_ID},
     ]
     assert [wire(x) for x in sent_to(out, "s1")] == [
         {"type": "resolved", "notificationId": note.notification_id, "actionName": "Accept",
@@ -126,7 +127,7 @@ def test_reject_is_declined_by_agent():
     nid = offer(h, "r1")
     out = h.respond("s1", nid, "Reject")
     assert [wire(x) for x in results(out, "i1")] == [
-        {"type": "result", "requestId": "r1", "value": {"actionName": "Reject", "responseReason": "DeclinedByAgent"}},
+        {"type": "result", "requestId": "r1", "value": {"actionName": "Reject", "responseReason": "DeclinedByAgent"}, "outcomeId": OUTCOME_ID},
     ]
     assert [(r.action_name, r.response_reason) for r in sent_to(out, "s1", f.Resolved)] == [DECLINED]
     assert [e.outcome for e in ended(out)] == [DECLINED]
@@ -215,7 +216,7 @@ def test_queue_full_rejects_at_once_default_limit_ten():
     out = h.notify("i1", "r11", "a1", token="t11")
     assert [wire(x) for x in sent_to(out, "i1")] == [
         {"type": "result", "requestId": "r11",
-         "value": {"actionName": "Reject", "responseReason": "NotificationQueueLimitExceeded"}},
+         "value": {"actionName": "Reject", "responseReason": "NotificationQueueLimitExceeded"}, "outcomeId": OUTCOME_ID},
     ]
     assert sent_to(out, "s1") == []  # the queue did not change
     [e] = ended(out)
@@ -264,7 +265,7 @@ def test_display_timeout_at_expires_at_not_before():
     assert h.engine.state_of(nid) is State.DISPLAYED
     out = h.at(note.expires_at)
     assert [wire(x) for x in results(out, "i1")] == [
-        {"type": "result", "requestId": "r1", "value": {"actionName": "Timeout", "responseReason": "DisplayTimeout"}},
+        {"type": "result", "requestId": "r1", "value": {"actionName": "Timeout", "responseReason": "DisplayTimeout"}, "outcomeId": OUTCOME_ID},
     ]
     assert [wire(x) for x in sent_to(out, "s1")] == [
         {"type": "resolved", "notificationId": nid, "actionName": "Timeout", "responseReason": "DisplayTimeout"},
@@ -328,7 +329,7 @@ def test_queue_timeout_rejects_the_waiting_one():
     out = h.at(T0 + 60_000)
     assert [wire(x) for x in results(out, "i1")] == [
         {"type": "result", "requestId": "r2",
-         "value": {"actionName": "Reject", "responseReason": "NotificationQueueTimeLimitExceeded"}},
+         "value": {"actionName": "Reject", "responseReason": "NotificationQueueTimeLimitExceeded"}, "outcomeId": OUTCOME_ID},
     ]
     assert [e.outcome for e in ended(out)] == [QUEUE_TIME_LIMIT]
     assert [e.notification_id for e in ended(out)] == [b]
@@ -396,7 +397,7 @@ def test_auto_accept_agent_sees_it_then_resolved_integrator_gets_displayed_then_
          "state": "queued"},
         {"type": "status", "requestId": "r1", "notificationId": note.notification_id, "cancellationToken": "t",
          "state": "displayed"},
-        {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "AutoAccept"}},
+        {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "AutoAccept"}, "outcomeId": OUTCOME_ID},
     ]
     assert [e.outcome for e in ended(out)] == [AUTO_ACCEPTED]
     assert h.engine.displayed("a1") == [] and h.engine.next_deadline() is None
@@ -588,7 +589,7 @@ def test_cancel_displayed_notification():
     out = h.cancel("i1", "c1", "T")
     assert [wire(x) for x in sent_to(out, "i1")] == [
         {"type": "result", "requestId": "r1",
-         "value": {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}},
+         "value": {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}, "outcomeId": OUTCOME_ID},
         {"type": "result", "requestId": "c1",
          "value": {"cancellationToken": "T", "actionName": "Cancel", "responseReason": "CancelledByIntegrator"}},
     ]
@@ -1006,7 +1007,11 @@ def test_disconnect_of_unknown_connection_is_harmless():
 # Integrator disconnect
 
 
-def test_integrator_disconnect_does_not_cancel_outcome_goes_to_unclaimed():
+def history(h: Harness, integrator: str = "k1") -> list[tuple[str, tuple[str, str]]]:
+    return [(r.request_id, outcome_of_result(r)) for r in h.engine.history(integrator)]
+
+
+def test_integrator_disconnect_does_not_cancel_outcome_goes_to_history():
     h = setup()
     nid = offer(h, "r1", token="T")
     assert h.integrator_gone("i1") == []
@@ -1014,8 +1019,8 @@ def test_integrator_disconnect_does_not_cancel_outcome_goes_to_unclaimed():
     out = h.respond("s1", nid, "Accept")
     assert targets(out) == {"s1"}  # nothing to the gone connection
     assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False)]
-    assert h.engine.unclaimed("k1") == [("r1", ACCEPTED)]
-    assert h.engine.unclaimed("k2") == []
+    assert history(h) == [("r1", ACCEPTED)]
+    assert history(h, "k2") == []
     # Another connection of the same integrator can still cancel-by-token to learn the outcome.
     h.integrator("i2", "k1")
     out = h.cancel("i2", "c1", "T")
@@ -1034,7 +1039,7 @@ def test_integrator_disconnect_queued_one_displayed_later_gets_no_status_to_gone
     out = h.at(T0 + 120_000)
     assert "i1" not in targets(out)
     assert [(e.notification_id, e.delivered) for e in ended(out)] == [(b, False)]
-    assert h.engine.unclaimed("k1") == [("r2", DISPLAY_TIMEOUT)]
+    assert history(h) == [("r2", DISPLAY_TIMEOUT)]
 
 
 def test_integrator_disconnect_then_cancel_by_another_connection_of_the_integrator():
@@ -1043,28 +1048,28 @@ def test_integrator_disconnect_then_cancel_by_another_connection_of_the_integrat
     h.integrator_gone("i1")
     h.integrator("i2", "k1")
     out = h.cancel("i2", "c1", "T")
-    assert targets(out) == {"i2", "s1"}
+    assert targets(out) == {"i2", "s1"}  # i2 did not resume: it gets its cancel's answer only
     assert [(r.request_id, outcome_of_result(r)) for r in results(out, "i2")] == [("c1", CANCELLED)]
     assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", CANCELLED, False)]
-    assert h.engine.unclaimed("k1") == [("r1", CANCELLED)]
+    assert history(h) == [("r1", CANCELLED)]
 
 
-def test_unclaimed_outcomes_are_bounded():
-    h = setup(Limits(display_limit=5, unclaimed_outcomes=2))
+def test_history_is_bounded_by_count():
+    h = setup(Limits(display_limit=5, outcome_history=2))
     ids = [offer(h, f"r{i}") for i in range(4)]
     h.integrator_gone("i1")
     for nid in ids:
         h.respond("s1", nid, "Reject")
-    assert h.engine.unclaimed("k1") == [("r2", DECLINED), ("r3", DECLINED)]
+    assert history(h) == [("r2", DECLINED), ("r3", DECLINED)]
 
 
-def test_unclaimed_zero_keeps_nothing():
-    h = setup(Limits(unclaimed_outcomes=0))
+def test_history_zero_keeps_nothing():
+    h = setup(Limits(outcome_history=0))
     nid = offer(h, "r1")
     h.integrator_gone("i1")
     out = h.respond("s1", nid, "Accept")
     assert [e.delivered for e in ended(out)] == [False]
-    assert h.engine.unclaimed("k1") == []
+    assert history(h) == []
 
 
 def test_integrator_disconnect_and_grace_expiry_together():
@@ -1076,7 +1081,7 @@ def test_integrator_disconnect_and_grace_expiry_together():
     out = h.advance(1)
     assert sends(out) == []
     assert [(e.outcome, e.delivered) for e in ended(out)] == [(AGENT_DISCONNECTED, False)] * 2
-    assert sorted(h.engine.unclaimed("k1")) == [("r1", AGENT_DISCONNECTED), ("r2", AGENT_DISCONNECTED)]
+    assert sorted(history(h)) == [("r1", AGENT_DISCONNECTED), ("r2", AGENT_DISCONNECTED)]
 
 
 # ---------------------------------------------------------------------------
@@ -1107,7 +1112,7 @@ def test_statistics():
     offer(h, "r1")
     offer(h, "r2")
     assert h.engine.statistics() == {"agents": 1, "agentSessions": 2, "integrators": 1, "live": 2,
-                                     "displayed": 1, "outcomes": 0, "remembered": 0, "timers": 2}
+                                     "displayed": 1, "outcomes": 0, "remembered": 0, "history": 0, "timers": 2}
 
 
 @pytest.mark.parametrize("action, outcome", [("Accept", ACCEPTED), ("Reject", DECLINED)])

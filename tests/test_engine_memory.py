@@ -79,7 +79,8 @@ def test_a_remembered_outcome_costs_no_more_than_before():
     import tracemalloc
 
     remembered = 20_000
-    engine = Engine({t.name: t for t in BUILTIN_TEMPLATES}, Limits(recent_outcomes=remembered))
+    # Without the integrator's history of outcomes (its cost: the next test).
+    engine = Engine({t.name: t for t in BUILTIN_TEMPLATES}, Limits(recent_outcomes=remembered, outcome_history=0))
     engine.agent_connected("a", "agent", "s", 0.0)
     engine.integrator_connected("i", "crm", 0.0)
     inp = f.NotifyInput(template_name="msdyn_chat_incoming_unauthenticated",

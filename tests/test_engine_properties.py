@@ -7,7 +7,8 @@ sends, and uses only the engine's public queries to check its invariants:
 
 * exactly one outcome (``Ended``) per notifyEvent that was not refused, and
   exactly one ``result`` to its integrator, sent only if that connection was
-  still connected when the notification ended (otherwise it is unclaimed);
+  still connected when the notification ended (v1 connections: none of them
+  resumes), and always one entry in the integrator's history of outcomes;
 * never a frame to a connection that is closed (or never was opened);
 * per agent, displayed <= display_limit and queued <= queue_limit, FIFO;
 * nothing sent about a notification after it ended (notification, status,
@@ -172,8 +173,8 @@ class EngineMachine(RuleBasedStateMachine):
                 if self.live_tokens.get(tk) == req.rid:
                     del self.live_tokens[tk]
                 self.last_outcome[tk] = e.outcome
-                if not e.delivered:
-                    assert (req.rid, e.outcome) in self.engine.unclaimed(req.integrator)
+                assert [(r.value.action_name, r.value.response_reason) for r in self.engine.history(req.integrator)
+                        if r.request_id == req.rid] == [e.outcome]
                 continue
             assert isinstance(e, Send), e
             sends.append(e)
@@ -417,8 +418,8 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if full:
             assert [(e.notification_id, e.outcome) for e in ended] == [(req.nid, QUEUE_LIMIT)]
-            assert [s.frame for s in sends] == [f.Result(request_id=rid, value=f.NotifyValue("Reject",
-                                                "NotificationQueueLimitExceeded"))]
+            assert [(s.frame.request_id, s.frame.value) for s in sends] == [
+                (rid, f.NotifyValue("Reject", "NotificationQueueLimitExceeded"))]
             return
         if req.outcome is None:
             self.live_tokens[(integrator, req.token)] = rid
@@ -623,9 +624,9 @@ class EngineMachine(RuleBasedStateMachine):
             assert req.results == (1 if req.delivered else 0)
             assert self.engine.outcome_of(req.nid) == req.outcome
         assert self.engine.statistics()["agents"] == 0
-        delivered = sum(r.results for r in self.requests.values())
-        unclaimed = sum(len(self.engine.unclaimed(k)) for k in INTEGRATORS)
-        assert delivered + unclaimed == len(self.requests) == self.engine.outcomes
+        kept = [r for k in INTEGRATORS for r in self.engine.history(k)]
+        assert len(kept) == len(self.requests) == self.engine.outcomes
+        assert len({r.outcome_id for r in kept}) == len(kept)
 
     def disconnect_agent_conn(self, conn: str) -> None:
         agent = self.sessions.pop(conn)

@@ -16,6 +16,7 @@ from deskpush.protocol import Limits, Template
 from deskpush.server import Config, DeskpushServer
 from deskpush.server.config import ServerSection
 
+from .engine_helpers import OUTCOME_ID
 from .conftest import API_KEY, SECRET, UNIT, make_config, open_agent, open_integrator, recv_json, send_json
 
 CIF_INPUT = {"templateName": "msdyn_chat_incoming_unauthenticated", "templateParameters": {}}
@@ -69,7 +70,8 @@ async def test_cif_example_accepted(server):
 
     await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
     result = await recv_json(ig)
-    assert result == {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "Accept"}}
+    assert result == {"type": "result", "requestId": "r1", "value": {"actionName": "Accept", "responseReason": "Accept"},
+                      "outcomeId": OUTCOME_ID}
     resolved = await recv_json(agent)
     assert resolved == {"type": "resolved", "notificationId": card["notificationId"],
                         "actionName": "Accept", "responseReason": "Accept"}
@@ -82,7 +84,8 @@ async def test_cif_example_rejected(server):
     await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Reject"})
     # progress false: no status frames, only the result.
     assert await recv_json(ig) == {"type": "result", "requestId": "r1",
-                                   "value": {"actionName": "Reject", "responseReason": "DeclinedByAgent"}}
+                                   "value": {"actionName": "Reject", "responseReason": "DeclinedByAgent"},
+                                   "outcomeId": OUTCOME_ID}
 
 
 async def test_template_parameters_fill_fields(server):
@@ -161,7 +164,7 @@ async def test_queue_limit_and_queue_timeout():
             await send_json(ig, notify(rid, progress=False, input={"templateName": "fast"}))
         # r1 displayed, r2 queued, r3 finds the queue full.
         assert (await recv_json(ig)) == {"type": "result", "requestId": "r3", "value": {
-            "actionName": "Reject", "responseReason": "NotificationQueueLimitExceeded"}}
+            "actionName": "Reject", "responseReason": "NotificationQueueLimitExceeded"}, "outcomeId": OUTCOME_ID}
         assert (await recv_json(ig))["value"]["responseReason"] == "NotificationQueueTimeLimitExceeded"
         frames = [await recv_json(agent) for _ in range(3)]
         assert [fr["type"] for fr in frames] == ["notification", "queue", "queue"]
@@ -175,7 +178,8 @@ async def test_cancel_withdraws_the_offer(server):
                        input={**CIF_INPUT, "cancellationToken": "tok-1"})
     await send_json(ig, {"type": "cancelEvent", "requestId": "c1", "cancellationToken": "tok-1", "correlationId": "x"})
     assert await recv_json(ig) == {"type": "result", "requestId": "r1",
-                                   "value": {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"}}
+                                   "value": {"actionName": "Cancel", "responseReason": "CancelledByIntegrator"},
+                                   "outcomeId": OUTCOME_ID}
     assert await recv_json(ig) == {"type": "result", "requestId": "c1", "value": {
         "cancellationToken": "tok-1", "actionName": "Cancel", "responseReason": "CancelledByIntegrator"}}
     assert (await recv_json(agent)) == {"type": "resolved", "notificationId": card["notificationId"],
@@ -258,7 +262,8 @@ async def test_integrator_disconnect_does_not_cancel(server):
     await asyncio.sleep(0.05)
     await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
     assert (await recv_json(agent))["type"] == "resolved"
-    assert server.engine.unclaimed("crm") == [("r1", ("Accept", "Accept"))]
+    [kept] = server.engine.history("crm")
+    assert (kept.request_id, kept.value.action_name, kept.value.response_reason) == ("r1", "Accept", "Accept")
 
 
 async def test_restart_with_state_file_keeps_offers(tmp_path):
