@@ -796,8 +796,11 @@ class Integrator:
             status = exc.response.status_code
             if status in (401, 403):
                 raise UnauthorizedError(f"unauthorized: {self.url} refused the API key (HTTP {status})") from None
+            # The server's one-line reason, e.g. a resumeAfter it cannot read (400).
+            body = bytes(exc.response.body or b"").decode(errors="replace").strip().partition("\n")[0][:200]
             raise IntegratorConnectionError(
                 f"cannot connect to {self.url}: HTTP {status} {exc.response.reason_phrase}".rstrip()
+                + (f": {body}" if body else "")
             ) from None
         except InvalidURI as exc:
             raise IntegratorConnectionError(f"invalid URL {self.url!r}: {exc}") from None

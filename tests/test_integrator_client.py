@@ -484,6 +484,12 @@ def test_the_resume_point_goes_in_the_query() -> None:
             == "wss://h/integrator?tenant=a&resumeAfter=1764460800123-000004")
 
 
+async def test_a_resume_point_the_server_cannot_read_is_refused_with_its_reason(server: DeskpushServer) -> None:
+    with pytest.raises(IntegratorConnectionError, match="HTTP 400 Bad Request: resumeAfter must be"):
+        async with Integrator(url(server.port), API_KEY, resume_after="not-an-outcome-id"):
+            pass
+
+
 async def test_ack_needs_a_position() -> None:
     ig = Integrator("ws://127.0.0.1:1/integrator", API_KEY)
     assert ig.last_outcome_id is None
