@@ -1,6 +1,7 @@
-"""Pending notifications across a restart: ``server.stateFile``.
+"""Pending notifications and outcome histories across a restart: ``server.stateFile``.
 
-On a clean stop the engine's pending notifications are written to the file;
+On a clean stop the engine's pending notifications and each integrator's
+history of outcomes (protocol v1.1) are written to the file;
 on start they are taken back, with their deadlines, and the file is removed
 (so a crash after that cannot bring them back twice). See
 ``Engine.snapshot`` and ``Engine.restore`` for what is kept.
@@ -37,7 +38,8 @@ class StateFile:
             return []
         effects = engine.restore(snapshot, now)
         self.path.unlink(missing_ok=True)
-        log.info("restored %d pending notifications from %s", len(snapshot.notifications), self.path)
+        log.info("restored %d pending notifications and %d kept outcomes from %s", len(snapshot.notifications),
+                 sum(len(h.outcomes) for h in snapshot.histories), self.path)
         return effects
 
     def save(self, engine: Engine, now: float) -> None:
@@ -45,4 +47,5 @@ class StateFile:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(msgspec.json.encode(snapshot))
         tmp.replace(self.path)
-        log.info("saved %d pending notifications to %s", len(snapshot.notifications), self.path)
+        log.info("saved %d pending notifications and %d kept outcomes to %s", len(snapshot.notifications),
+                 sum(len(h.outcomes) for h in snapshot.histories), self.path)

@@ -33,7 +33,7 @@ EXAMPLE_TOML = ROOT / "deskpush.example.toml"
 AGENT_IN = typing.get_args(f.AgentInbound)
 INTEGRATOR_IN = typing.get_args(f.IntegratorInbound)
 AGENT_OUT = (f.Welcome, f.Notification, f.Resolved, f.QueueLength, f.Pong, f.AgentError)
-INTEGRATOR_OUT = (f.Status, f.Result, f.IntegratorError)
+INTEGRATOR_OUT = (f.Status, f.Result, f.Resumed, f.IntegratorError)
 DECODERS = {"agent": f.AGENT_DECODER, "integrator": f.INTEGRATOR_DECODER}
 OUTBOUND = {
     "agent": {s.__struct_config__.tag: s for s in AGENT_OUT},
@@ -49,6 +49,7 @@ WORKED_EXAMPLES = [
     "Cancel after the agent accepted",
     "Malformed frames",
     "Reconnect and replay",
+    "A cut and a resume (v1.1)",
 ]
 
 

@@ -146,3 +146,34 @@ def test_stale_timers_swept_while_deadlines_run_lose_nothing():
     assert results["y1"] == [("DisplayTimeout", 2000.0)]
     assert results["y2"] == [("DisplayTimeout", 3000.0)]
     assert all(len(v) == 1 for v in results.values())
+
+
+def test_an_outcome_in_the_history_costs_about_300_bytes():
+    """What ``outcome_history`` costs per outcome (docs/configuration.md says about 300 bytes),
+    with UUID requestIds as the SDKs make them, and nothing else remembered."""
+    import gc
+    import tracemalloc
+
+    kept = 20_000
+    engine = Engine({t.name: t for t in BUILTIN_TEMPLATES}, Limits(recent_outcomes=0, outcome_history=kept))
+    engine.agent_connected("a", "agent", "s", 0.0)
+    engine.integrator_connected("i", "crm", 0.0)
+    inp = f.NotifyInput(template_name="msdyn_chat_incoming_unauthenticated", template_parameters={"customerName": "Jane"})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(kept + 1000):
+            effects = engine.integrator_frame(
+                "i", f.NotifyEvent(request_id=f"6f1c2a9e-8b7d-4c3e-9a1f-{i:012d}", agent_id="agent", input=inp),
+                float(i))
+            nid = next(e.frame.notification_id for e in effects if isinstance(e.frame, f.Notification))
+            del effects
+            engine.agent_frame("a", f.Respond(notification_id=nid, action="Accept"), float(i))
+        assert engine.next_deadline() is None
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert engine.statistics()["history"] == kept
+    assert held / kept < 340
