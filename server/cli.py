@@ -280,6 +280,12 @@ def cmd_notify(args: argparse.Namespace) -> int:
         print(f"{prog}: no API key: pass --api-key or set {API_KEY_ENV} "
               "(deskpush serve prints the integrator key)", file=sys.stderr)
         return 2
+    # The command says itself what happens to the connection (on_lost,
+    # on_resumed); without a handler, the SDK's own warnings would reach
+    # stderr a second time through logging's last resort.
+    sdk_log = logging.getLogger("deskpush.integrator")
+    if not sdk_log.handlers:
+        sdk_log.addHandler(logging.NullHandler())
     try:
         return _run(functools.partial(_notify_main, args))
     except OutcomeUnknownError as exc:
