@@ -55,9 +55,15 @@ requestId settles at most once). Then, according to ``resumed``:
   notification may still run: it can be cancelled with that token). Pending
   cancelEvents are sent again: cancelling twice gives the same answer.
 
+One drop is not followed by a resend: a close with 1009 means the server
+refused a frame as too large, and sending it again would close every new
+connection the same way; the largest request pending on that connection (at
+least as large as the refused one) fails with ``RejectAfterClientError``.
+
 If reconnecting gives up, the waiting calls and every later call raise
 :class:`IntegratorConnectionError` (open a new ``Integrator`` to try again;
-pass it ``resume_after=ig.last_outcome_id`` to pick up where this one was).
+given ``resume_after=ig.last_outcome_id`` it picks up where this one was,
+and the outcomes of this one's calls reach its ``on_outcome``).
 
 A routing system that outlives its process stores :attr:`last_outcome_id`
 (for instance after handling each outcome), passes it as ``resume_after`` to

@@ -478,6 +478,23 @@ async def test_a_later_process_resumes_after_a_stored_position(server: DeskpushS
     await agent.close()
 
 
+async def test_a_request_too_large_for_the_server_fails_and_is_not_sent_again(server: DeskpushServer) -> None:
+    """The server closes with 1009: the big request fails; the others are resent on the new connection."""
+    agent, _ = await open_agent(server, "agent-7")
+    async with Integrator(url(server.port), API_KEY, agent_id="agent-7", reconnect=FAST) as ig:
+        small = asyncio.ensure_future(ig.notify_event({"templateName": CHAT}))
+        note = await next_frame(agent, "notification")
+        with pytest.raises(CIFError) as info:
+            await within(ig.notify_event({"templateName": CHAT, "templateParameters": {"blob": "x" * 70_000}}))
+        assert (info.value.message, info.value.msdyn_name) == ("RejectAfterClientError", "NotifyEvent")
+        assert "larger than the server accepts (close 1009" in info.value.details
+        await within(ig.wait_connected())
+        await send_json(agent, {"type": "respond", "notificationId": note["notificationId"], "action": "Accept"})
+        assert await within(small) == {"actionName": "Accept", "responseReason": "Accept"}
+        assert ig.connects == 2 and server.engine.outcomes == 1
+    await agent.close()
+
+
 def test_the_resume_point_goes_in_the_query() -> None:
     assert resume_url("ws://h:1/integrator", RESUME_NOW) == "ws://h:1/integrator?resumeAfter=$"
     assert (resume_url("wss://h/integrator?tenant=a&resumeAfter=$", "1764460800123-000004")
