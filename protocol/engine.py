@@ -235,7 +235,8 @@ class _Remembered(msgspec.Struct, frozen=True, gc=False):
 class _Kept(msgspec.Struct, frozen=True, gc=False):
     """An outcome in its integrator's history: its result frame as sent, and what retention needs."""
 
-    result: f.Result  # with its outcome_id
+    outcome_id: str  # the same as result.outcome_id, typed as always there
+    result: f.Result
     agent_id: str
     ended_at: float
 
@@ -410,6 +411,11 @@ def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> 
         request_id=request_id,
         error=f.ErrorBody(message=message, msdyn_name=MsdynName.NOTIFY_EVENT, details=details),
     )
+
+
+def _used_for_another_agent(request_id: str, agent_id: str) -> f.IntegratorError:
+    return _notify_error(request_id, ErrorMessage.REJECT_AFTER_CLIENT,
+                         f"requestId {request_id!r} was already used for agent {agent_id!r} - at $.requestId")
 
 
 def _cancel_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
@@ -617,7 +623,7 @@ class Engine:
             return out
         replay = []
         for kept in reversed(key.history):
-            if kept.result.outcome_id <= resume_after:  # type: ignore[operator]
+            if kept.outcome_id <= resume_after:
                 break
             replay.append(kept.result)
         replay.reverse()
@@ -625,7 +631,7 @@ class Engine:
         details = ""
         if resume_after > last:
             details = f"resumeAfter {resume_after} is newer than any outcome of this server ({last})"
-        elif resume_after < self._history_start:  # type: ignore[operator]
+        elif self._history_start is not None and resume_after < self._history_start:
             details = (f"this server's history starts at {self._history_start}, after resumeAfter "
                        f"{resume_after} (restarted without server.stateFile?)")
         elif resume_after < key.forgotten:
@@ -671,12 +677,12 @@ class Engine:
         rid = kept.result.request_id
         if key.ended.get(rid) is kept:
             del key.ended[rid]
-        key.forgotten = kept.result.outcome_id  # type: ignore[assignment]
+        key.forgotten = kept.outcome_id
 
     def _ack(self, key: _Key, outcome_id: str) -> None:
         """The integrator stored every outcome up to ``outcome_id``: forget them."""
         history = key.history
-        while history and history[0].result.outcome_id <= outcome_id:  # type: ignore[operator]
+        while history and history[0].outcome_id <= outcome_id:
             self._forget(key, history.popleft())
 
     def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
@@ -752,15 +758,10 @@ class Engine:
         """
         rid = frame.request_id
         n = key.pending.get(rid)
-        kept = key.ended.get(rid) if n is None else None
-        if n is None and kept is None:
-            return False
-        agent_id = n.agent.id if n is not None else kept.agent_id  # type: ignore[union-attr]
-        if agent_id != frame.agent_id:
-            out.append(Send((conn,), _notify_error(
-                rid, ErrorMessage.REJECT_AFTER_CLIENT,
-                f"requestId {rid!r} was already used for agent {agent_id!r} - at $.requestId")))
-        elif n is not None:
+        if n is not None:
+            if n.agent.id != frame.agent_id:
+                out.append(Send((conn,), _used_for_another_agent(rid, n.agent.id)))
+                return True
             if n.owner is not conn:
                 old = self._owned.get(n.owner) if n.owner is not None else None
                 if old is not None:
@@ -772,8 +773,14 @@ class Engine:
                 owned.add(n)
             out.append(Send((conn,), f.Status(request_id=rid, notification_id=n.id, cancellation_token=n.token,
                                               state=n.state.value)))
+            return True
+        kept = key.ended.get(rid)
+        if kept is None:
+            return False
+        if kept.agent_id != frame.agent_id:
+            out.append(Send((conn,), _used_for_another_agent(rid, kept.agent_id)))
         else:
-            out.append(Send((conn,), kept.result))  # type: ignore[union-attr]
+            out.append(Send((conn,), kept.result))
         return True
 
     def _place(self, n: _Notification, now: float, out: list[Effect]) -> None:
@@ -946,11 +953,12 @@ class Engine:
         if self._history_start is None:
             self._start(now)
         rid = n.request_id
-        result = f.Result(request_id=rid, value=_VALUES[outcome], outcome_id=self._ids.next(now))
+        outcome_id = self._ids.next(now)
+        result = f.Result(request_id=rid, value=_VALUES[outcome], outcome_id=outcome_id)
         key = self._keys[integrator]
         if key.pending.get(rid) is n:
             del key.pending[rid]
-        kept = _Kept(result, agent.id, now)
+        kept = _Kept(outcome_id, result, agent.id, now)
         key.history.append(kept)
         key.ended[rid] = kept
         limits = self.limits
@@ -1035,7 +1043,7 @@ class Engine:
         for key in self._keys.values():
             self._trim(key, now)
             histories.append(SavedHistory(integrator=key.name, forgotten=key.forgotten, outcomes=tuple(
-                SavedOutcome(outcome_id=k.result.outcome_id, request_id=k.result.request_id, agent_id=k.agent_id,
+                SavedOutcome(outcome_id=k.outcome_id, request_id=k.result.request_id, agent_id=k.agent_id,
                              action_name=k.result.value.action_name, response_reason=k.result.value.response_reason,
                              ended_at=k.ended_at)
                 for k in key.history)))
@@ -1063,9 +1071,9 @@ class Engine:
                 key.forgotten = h.forgotten
                 for o in h.outcomes:
                     outcome = Outcome(o.action_name, o.response_reason)
-                    kept = _Kept(f.Result(request_id=o.request_id, value=_VALUES.get(outcome) or f.NotifyValue(
-                        action_name=o.action_name, response_reason=o.response_reason), outcome_id=o.outcome_id),
-                        o.agent_id, o.ended_at)
+                    value = _VALUES.get(outcome) or f.NotifyValue(o.action_name, o.response_reason)
+                    result = f.Result(request_id=o.request_id, value=value, outcome_id=o.outcome_id)
+                    kept = _Kept(o.outcome_id, result, o.agent_id, o.ended_at)
                     key.history.append(kept)
                     key.ended[o.request_id] = kept
                 self._trim(key, now)
