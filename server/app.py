@@ -37,7 +37,7 @@ from .endpoints import (
     refuse_bad_bearer,
     refuse_bad_resume_point,
 )
-from .state import StateFile
+from .state import StateFile, StateFileError
 from .web import Site
 
 __all__ = ["DeskpushServer"]
@@ -73,8 +73,20 @@ class DeskpushServer:
     # Lifecycle
 
     async def start(self) -> None:
+        """Check the state file, listen, take back what the state file held.
+
+        Raises:
+            StateFileError: ``server.stateFile`` cannot be used (nothing listens).
+            OSError: the address cannot be listened on.
+        """
         loop = asyncio.get_running_loop()
         s = self.config.server
+        snapshot = None
+        if self.state_file is not None:
+            # Before listening: a path the server cannot save to is refused
+            # now, not found out at SIGTERM with every pending offer in hand.
+            self.state_file.check()
+            snapshot = self.state_file.load()
         self._clock = clock = LoopClock(loop)
         self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log))
         self._endpoints = {
@@ -95,11 +107,26 @@ class DeskpushServer:
         self._listener = await loop.create_server(
             lambda: self._connection(options, loop), s.host, s.port, backlog=s.backlog)
         self.port = self._listener.sockets[0].getsockname()[1]
-        if self.state_file is not None:
-            self._dispatcher.apply(self.state_file.restore(self.engine, clock.now()))
+        if snapshot is not None:
+            assert self.state_file is not None
+            self._dispatcher.apply(self.engine.restore(snapshot, clock.now()))
+            try:
+                self.state_file.remove()
+            except StateFileError:
+                listener, self._listener = self._listener, None
+                listener.close()
+                self._dispatcher.close()
+                raise
+            log.info("restored %d pending notifications and %d kept outcomes from %s",
+                     len(snapshot.notifications), sum(len(h.outcomes) for h in snapshot.histories),
+                     self.state_file.path)
 
     async def close(self) -> None:
-        """Stop listening, close every connection with 1001 (going away), save the pending offers."""
+        """Stop listening, close every connection with 1001 (going away), save the pending offers.
+
+        Raises:
+            StateFileError: the save failed (the server is closed all the same).
+        """
         if self._listener is None:
             return
         listener, self._listener = self._listener, None
@@ -116,9 +143,11 @@ class DeskpushServer:
         await listener.wait_closed()
         assert self._dispatcher is not None and self._clock is not None and self._stopped is not None
         self._dispatcher.close()
-        if self.state_file is not None:
-            self.state_file.save(self.engine, self._clock.now())
-        self._stopped.set()
+        try:
+            if self.state_file is not None:
+                self.state_file.save(self.engine, self._clock.now())
+        finally:
+            self._stopped.set()
 
     async def serve_forever(self) -> None:
         """Wait until ``close()`` has run."""
