@@ -4,6 +4,8 @@
 
 * ``connection.Connection``: the bytes of each client (handshake, frames);
 * ``endpoints``: what ``/agent`` and ``/integrator`` sessions do with messages;
+* ``listener.Listener``: the listening sockets, and accepting when file
+  descriptors run out;
 * ``web.Site``: ``/healthz`` and the demo's static files;
 * ``dispatch.Dispatcher``: engine effects to writes, and the one timer;
 * ``state.StateFile``: pending notifications across a restart;
@@ -37,6 +39,7 @@ from .endpoints import (
     refuse_bad_bearer,
     refuse_bad_resume_point,
 )
+from .listener import AcceptCounts, Listener, bind, raise_open_files_limit
 from .state import StateFile, StateFileError
 from .web import Site
 
@@ -61,7 +64,8 @@ class DeskpushServer:
         self.site = Site(demo=config.server.demo, health=self.engine.statistics)
         self.state_file = StateFile(config.server.state_file) if config.server.state_file else None
         self.port = 0
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
+        self._accepts = AcceptCounts()
         self._connections: set[Connection] = set()
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatcher: Dispatcher | None = None
@@ -104,9 +108,11 @@ class DeskpushServer:
             outbound_limit=s.outbound_limit,
         )
         self._stopped = asyncio.Event()
-        self._listener = await loop.create_server(
-            lambda: self._connection(options, loop), s.host, s.port, backlog=s.backlog)
-        self.port = self._listener.sockets[0].getsockname()[1]
+        before, limit = raise_open_files_limit()  # every connection takes one
+        sockets = await bind(s.host, s.port, s.backlog)
+        self._listener = Listener(sockets, lambda: self._connection(options, loop), backlog=s.backlog,
+                                  counts=self._accepts)
+        self.port = self._listener.port
         if snapshot is not None:
             assert self.state_file is not None
             self._dispatcher.apply(self.engine.restore(snapshot, clock.now()))
@@ -120,6 +126,9 @@ class DeskpushServer:
             log.info("restored %d pending notifications and %d kept outcomes from %s",
                      len(snapshot.notifications), sum(len(h.outcomes) for h in snapshot.histories),
                      self.state_file.path)
+        self._listener.start()
+        log.info("open files limit %d%s: one per connection", limit,
+                 f" (soft limit raised from {before})" if limit != before else "")
 
     async def close(self) -> None:
         """Stop listening, close every connection with 1001 (going away), save the pending offers.
@@ -131,6 +140,7 @@ class DeskpushServer:
             return
         listener, self._listener = self._listener, None
         listener.close()
+        await listener.wait_closed()  # the connections accepted until now are in _connections
         for conn in list(self._connections):
             if conn.open:
                 conn.close(CloseCode.GOING_AWAY)
@@ -140,7 +150,6 @@ class DeskpushServer:
             # Each closes within its close timeout at most.
             self._all_closed = asyncio.Event()
             await self._all_closed.wait()
-        await listener.wait_closed()
         assert self._dispatcher is not None and self._clock is not None and self._stopped is not None
         self._dispatcher.close()
         try:
