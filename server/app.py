@@ -6,7 +6,7 @@
 * ``endpoints``: what ``/agent`` and ``/integrator`` sessions do with messages;
 * ``listener.Listener``: the listening sockets, and accepting when file
   descriptors run out;
-* ``web.Site``: ``/healthz`` and the demo's static files;
+* ``web.Site``: ``/healthz``, ``/stats`` and the demo's static files;
 * ``dispatch.Dispatcher``: engine effects to writes, and the one timer;
 * ``state.StateFile``: pending notifications across a restart;
 * the engine (``deskpush.protocol.Engine``), which holds every notification.
@@ -39,9 +39,9 @@ from .endpoints import (
     refuse_bad_bearer,
     refuse_bad_resume_point,
 )
-from .listener import AcceptCounts, Listener, bind, raise_open_files_limit
+from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
 from .state import StateFile, StateFileError
-from .web import Site
+from .web import Site, unauthorized
 
 __all__ = ["DeskpushServer"]
 
@@ -61,7 +61,7 @@ class DeskpushServer:
         self.tokens = AgentTokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
         self.engine = Engine(config.template_map(), config.limits)
-        self.site = Site(demo=config.server.demo, health=self.engine.statistics)
+        self.site = Site(demo=config.server.demo)
         self.state_file = StateFile(config.server.state_file) if config.server.state_file else None
         self.port = 0
         self._listener: Listener | None = None
@@ -175,6 +175,16 @@ class DeskpushServer:
         assert self._clock is not None, "start() first"
         return self._clock.now()
 
+    def statistics(self) -> dict[str, int]:
+        """The engine's counts and the server's own: what ``GET /stats`` shows (docs/protocol.md, HTTP)."""
+        return {
+            **self.engine.statistics(),
+            "connections": len(self._connections),
+            "refusedOutOfFds": self._accepts.refused_out_of_fds,
+            "acceptPauses": self._accepts.accept_pauses,
+            "openFilesLimit": open_files_limit(),
+        }
+
     @property
     def connections(self) -> frozenset[Connection]:
         """Every client connection now open, in its handshake or closing."""
@@ -201,6 +211,12 @@ class DeskpushServer:
             return None
         if path == "/integrator":
             return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
+        if path == "/stats":
+            # Counts say how busy the server is and how many agents are on:
+            # an integrator's business, not a passer-by's (/healthz shows none).
+            if self.api_keys.check_bearer(request.headers.get("Authorization")) is None:
+                return unauthorized()
+            return self.site.stats(self.statistics())
         return self.site.respond(path)
 
     def open(self, conn: Connection) -> Session:

@@ -20,6 +20,7 @@ import textwrap
 import time
 import urllib.request
 
+import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -130,6 +131,11 @@ async def test_out_of_descriptors_refuses_counts_and_says_so_and_keeps_serving(t
             await ws.close()
         del held[:10]
         await asyncio.sleep(0.2)
+        status, body = await asyncio.to_thread(http_get, port, "/stats", KEY)
+        assert status == 200, body
+        figures = msgspec.json.decode(body)
+        assert figures["refusedOutOfFds"] == len(refusals)
+        assert figures["openFilesLimit"] == HARD
         held.append(await agent(port, "agent-after"))
 
         proc.send_signal(signal.SIGTERM)
