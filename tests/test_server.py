@@ -475,7 +475,9 @@ async def test_stats_with_an_integrator_key_show_the_counts(server):
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert headers["Cache-Control"] == "no-store"
     figures = msgspec.json.decode(body)
-    assert figures == server.statistics()
+    # The same figures in-process (less the HTTP request's connection, which may be gone by now).
+    now = server.statistics()
+    assert {k: v for k, v in figures.items() if k != "connections"} == {k: v for k, v in now.items() if k != "connections"}
     assert figures["agentSessions"] == 1 and figures["integrators"] == 1 and figures["displayed"] == 1
     # Two WebSockets, and the HTTP request itself.
     assert figures["connections"] == 3 and figures["refusedOutOfFds"] == 0 and figures["acceptPauses"] == 0
