@@ -17,18 +17,23 @@ with a soft limit of 40:
 * uvloop (libuv's ``uv__server_io`` and ``uv__emfile_trick``) keeps a spare
   descriptor: it closes it, accepts every waiting connection and closes each
   at once, then takes the spare back. The clients see the connection closed,
-  and nothing is logged or counted. If libuv cannot get its spare back,
-  uvloop reports a fatal error and closes the listening socket for good.
+  and nothing is logged or counted. If libuv cannot get its spare back, its
+  code then hands the error to uvloop, which reports a fatal error and
+  closes the listening socket for good.
 
 So deskpush accepts on its own, the same way on both loops, with their
 public API (``loop.add_reader``, ``socket.accept()``,
-``loop.connect_accepted_socket()``): a connection that cannot have a
-descriptor is refused at once with libuv's spare-descriptor trick, answered
-``503 Service Unavailable`` when the socket takes it, then closed; each is
-counted (``AcceptCounts``); one WARNING line per second at most says how
-many; the connections already open are not touched. Other accept failures
-(ENOBUFS, ENOMEM) pause accepting for a second, as asyncio does, with a
-line too.
+``loop.connect_accepted_socket()``; POSIX loops only: Windows' proactor has
+no ``add_reader``, and ``deskpush serve``'s signal handling is POSIX's too).
+It costs a task per accepted connection while it is handed over, as on
+asyncio's own path, and the socket object the transport keeps.
+
+A connection that cannot have a descriptor is refused at once with libuv's
+spare-descriptor trick: answered ``503 Service Unavailable`` when the socket
+takes it, then closed. Each is counted (``AcceptCounts``); one WARNING line
+per second at most says how many; the connections already open are not
+touched. Other accept failures (ENOBUFS, ENOMEM) pause accepting for a
+second, as asyncio does, with a line too.
 """
 
 from __future__ import annotations
