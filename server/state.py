@@ -106,8 +106,8 @@ class StateFile:
         except OSError as exc:
             raise StateFileError(f"server.stateFile {self.path}: cannot remove {self.tmp}, left by a save "
                                  f"that did not finish: {exc.strerror}") from None
-        log.warning("removed %s (%d bytes), left by a save that did not finish (the server was killed "
-                    "while saving); %s is what the last finished save wrote", self.tmp, size, self.path)
+        log.warning("removed %s (%d bytes), left by a save that did not finish: the server was killed while "
+                    "saving, and what it was saving is lost", self.tmp, size)
 
     def load(self) -> Snapshot | None:
         """The saved snapshot; None if there is no file, or it cannot be restored.
