@@ -76,18 +76,24 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
     import anyio
 
     from .app import DeskpushServer
+    from .state import StateFileError
 
     log = logging.getLogger("deskpush")
     srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
-    try:
-        await srv.start()
-    except OSError as exc:
-        print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
-              file=sys.stderr)
-        raise SystemExit(1) from None
-    print(banner(srv.port, secret), flush=True)
-    _tune_gc()
+    # Signals are taken from before the start: a SIGTERM as soon as the server
+    # listens (the state file already taken back) must still save it.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            await srv.start()
+        except StateFileError as exc:
+            print(f"deskpush: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        print(banner(srv.port, secret), flush=True)
+        _tune_gc()
         async with anyio.create_task_group() as tg:
 
             async def wait_signal() -> None:
@@ -99,7 +105,11 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
             tg.start_soon(wait_signal)
             tg.start_soon(srv.serve_forever)
         with anyio.CancelScope(shield=True):
-            await srv.close()
+            try:
+                await srv.close()
+            except StateFileError as exc:
+                log.error("%s", exc)
+                raise SystemExit(1) from None
     log.info("stopped")
 
 
