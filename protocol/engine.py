@@ -103,7 +103,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -150,6 +150,7 @@ __all__ = [
     "SavedOutcome",
     "SavedHistory",
     "OutcomeClock",
+    "SNAPSHOT_VERSIONS",
 ]
 
 Conn = Hashable
@@ -390,7 +391,7 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
     template: Template
     title: str
     fields: tuple[f.Field, ...]
-    state: str
+    state: Literal["queued", "displayed"]
     deadline: float
     frame: f.Notification | None = None
 
@@ -398,7 +399,7 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
 class SavedOutcome(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
     """An outcome in an integrator's history, as kept across a restart."""
 
-    outcome_id: str
+    outcome_id: f.OutcomeId
     request_id: str
     agent_id: str
     action_name: str
@@ -410,8 +411,12 @@ class SavedHistory(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     """An integrator's history of outcomes, oldest first."""
 
     integrator: str
-    forgotten: str = ""
+    forgotten: Annotated[str, Meta(pattern=r"^([0-9]{13}-[0-9]{6})?$")] = ""  # an outcomeId, or "" for none
     outcomes: tuple[SavedOutcome, ...] = ()
+
+
+# The snapshot versions ``Engine.restore`` takes; ``snapshot`` writes the last.
+SNAPSHOT_VERSIONS = (1, 2)
 
 
 class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
@@ -419,14 +424,16 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
 
     Version 1 had no histories; ``history_start`` is where the engine's
     histories begin (the first start without a snapshot), ``last_outcome_id``
-    the newest outcomeId issued.
+    the newest outcomeId issued. Decoded from JSON, every field is checked
+    (a state, an outcomeId), so what ``restore`` gets cannot make it fail
+    half-way; a version it does not know is refused before anything else.
     """
 
     version: int = 2
     saved_at: float = 0.0
     notifications: tuple[SavedNotification, ...] = ()
-    history_start: str | None = None
-    last_outcome_id: str | None = None
+    history_start: f.OutcomeId | None = None
+    last_outcome_id: f.OutcomeId | None = None
     histories: tuple[SavedHistory, ...] = ()
 
 
@@ -1096,7 +1103,14 @@ class Engine:
         history until a resuming connection (or a retried notifyEvent) claims
         them. A deadline that passed while the server was down fires at the
         next ``handle_timer``. Call it before any other event.
+
+        Raises:
+            ValueError: ``snapshot.version`` is not one of ``SNAPSHOT_VERSIONS``
+                (nothing is taken back).
         """
+        if snapshot.version not in SNAPSHOT_VERSIONS:
+            raise ValueError(f"snapshot version {snapshot.version} is not one this server reads "
+                             f"({', '.join(map(str, SNAPSHOT_VERSIONS))})")
         out: list[Effect] = []
         if snapshot.history_start is not None and self._history_start is None:
             self._history_start = snapshot.history_start

@@ -4,7 +4,9 @@
 
 * ``connection.Connection``: the bytes of each client (handshake, frames);
 * ``endpoints``: what ``/agent`` and ``/integrator`` sessions do with messages;
-* ``web.Site``: ``/healthz`` and the demo's static files;
+* ``listener.Listener``: the listening sockets, and accepting when file
+  descriptors run out;
+* ``web.Site``: ``/healthz``, ``/stats`` and the demo's static files;
 * ``dispatch.Dispatcher``: engine effects to writes, and the one timer;
 * ``state.StateFile``: pending notifications across a restart;
 * the engine (``deskpush.protocol.Engine``), which holds every notification.
@@ -53,8 +55,9 @@ from .endpoints import (
     refuse_bad_bearer,
     refuse_bad_resume_point,
 )
-from .state import StateFile
-from .web import Site, plain
+from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
+from .state import StateFile, StateFileError
+from .web import Site, plain, unauthorized
 
 __all__ = ["DeskpushServer"]
 
@@ -74,18 +77,20 @@ class DeskpushServer:
         self.tokens = config.agent_tokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
         self.engine = Engine(config.template_map(), config.limits)
-        self.site = Site(demo=config.server.demo, health=self.engine.statistics)
+        self.site = Site(demo=config.server.demo)
         self.auth_failures = FailureThrottle(config.auth.failed_auth_limit, config.auth.failed_auth_window)
         self._trusted = config.trusted_networks()
         self.state_file = StateFile(config.server.state_file) if config.server.state_file else None
         self.port = 0
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
+        self._accepts = AcceptCounts()
         self._connections: set[Connection] = set()
         # Connections accepted and neither authenticated nor answered with plain
         # HTTP yet, with when each was accepted (epoch ms): where helloTimeout starts.
         self._pending: dict[Connection, float] = {}
         self._guard: _Guard | None = None
         self._busy: _EverySecond | None = None
+        self._busy_refusals = 0  # upgrades answered 503 since start
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatcher: Dispatcher | None = None
         self._clock: LoopClock | None = None
@@ -96,8 +101,20 @@ class DeskpushServer:
     # Lifecycle
 
     async def start(self) -> None:
+        """Check the state file, listen, take back what the state file held.
+
+        Raises:
+            StateFileError: ``server.stateFile`` cannot be used (nothing listens).
+            OSError: the address cannot be listened on.
+        """
         loop = asyncio.get_running_loop()
         s = self.config.server
+        snapshot = None
+        if self.state_file is not None:
+            # Before listening: a path the server cannot save to is refused
+            # now, not found out at SIGTERM with every pending offer in hand.
+            self.state_file.check()
+            snapshot = self.state_file.load()
         self._clock = clock = LoopClock(loop)
         self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log))
         self._guard = guard = _Guard(self.auth_failures, self._trusted, clock, self.config.auth.failed_auth_limit)
@@ -118,18 +135,39 @@ class DeskpushServer:
             outbound_limit=s.outbound_limit,
         )
         self._stopped = asyncio.Event()
-        self._listener = await loop.create_server(
-            lambda: self._connection(options, loop), s.host, s.port, backlog=s.backlog)
-        self.port = self._listener.sockets[0].getsockname()[1]
-        if self.state_file is not None:
-            self._dispatcher.apply(self.state_file.restore(self.engine, clock.now()))
+        before, limit = raise_open_files_limit()  # every connection takes one
+        sockets = await bind(s.host, s.port, s.backlog)
+        self._listener = Listener(sockets, lambda: self._connection(options, loop), backlog=s.backlog,
+                                  counts=self._accepts)
+        self.port = self._listener.port
+        if snapshot is not None:
+            assert self.state_file is not None
+            self._dispatcher.apply(self.engine.restore(snapshot, clock.now()))
+            try:
+                self.state_file.remove()
+            except StateFileError:
+                listener, self._listener = self._listener, None
+                listener.close()
+                self._dispatcher.close()
+                raise
+            log.info("restored %d pending notifications and %d kept outcomes from %s",
+                     len(snapshot.notifications), sum(len(h.outcomes) for h in snapshot.histories),
+                     self.state_file.path)
+        self._listener.start()
+        log.info("open files limit %d%s: one per connection", limit,
+                 f" (soft limit raised from {before})" if limit != before else "")
 
     async def close(self) -> None:
-        """Stop listening, close every connection with 1001 (going away), save the pending offers."""
+        """Stop listening, close every connection with 1001 (going away), save the pending offers.
+
+        Raises:
+            StateFileError: the save failed (the server is closed all the same).
+        """
         if self._listener is None:
             return
         listener, self._listener = self._listener, None
         listener.close()
+        await listener.wait_closed()  # the connections accepted until now are in _connections
         for conn in list(self._connections):
             if conn.open:
                 conn.close(CloseCode.GOING_AWAY)
@@ -139,12 +177,13 @@ class DeskpushServer:
             # Each closes within its close timeout at most.
             self._all_closed = asyncio.Event()
             await self._all_closed.wait()
-        await listener.wait_closed()
         assert self._dispatcher is not None and self._clock is not None and self._stopped is not None
         self._dispatcher.close()
-        if self.state_file is not None:
-            self.state_file.save(self.engine, self._clock.now())
-        self._stopped.set()
+        try:
+            if self.state_file is not None:
+                self.state_file.save(self.engine, self._clock.now())
+        finally:
+            self._stopped.set()
 
     async def serve_forever(self) -> None:
         """Wait until ``close()`` has run."""
@@ -162,6 +201,19 @@ class DeskpushServer:
         """Server time in epoch milliseconds, advancing with the monotonic clock."""
         assert self._clock is not None, "start() first"
         return self._clock.now()
+
+    def statistics(self) -> dict[str, int]:
+        """The engine's counts and the server's own: what ``GET /stats`` shows (docs/protocol.md, HTTP)."""
+        return {
+            **self.engine.statistics(),
+            "connections": len(self._connections),
+            "refusedOutOfFds": self._accepts.refused_out_of_fds,
+            "acceptPauses": self._accepts.accept_pauses,
+            "openFilesLimit": open_files_limit(),
+            "pendingHandshakes": len(self._pending),
+            "refusedPendingHandshakes": self._busy_refusals,
+            "refusedAuthThrottled": self._guard.refusals if self._guard is not None else 0,
+        }
 
     @property
     def connections(self) -> frozenset[Connection]:
@@ -191,30 +243,47 @@ class DeskpushServer:
 
     def respond(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP answer, or None to open the WebSocket on an endpoint."""
-        response = self._answer(conn, request)
-        if response is not None:
-            # Plain HTTP needs no authentication: answered, the connection closes.
+        path = request.path.partition("?")[0]
+        endpoint = path == "/agent" or path == "/integrator"
+        if not endpoint:
+            # Plain HTTP needs no authentication: it is answered and closes.
             self._pending.pop(conn, None)
+        response = self._answer(conn, path, endpoint, request)
+        if response is not None:
+            self._pending.pop(conn, None)  # refused: it closes
         return response
 
-    def _answer(self, conn: Connection, request: Request) -> Response | None:
-        path = request.path.partition("?")[0]
-        if path == "/agent" or path == "/integrator":
+    def _answer(self, conn: Connection, path: str, endpoint: bool, request: Request) -> Response | None:
+        if endpoint:
             if len(self._pending) > self.config.server.max_pending_handshakes:
                 return self._too_busy()
             if path == "/agent":
                 return None
-            if request.headers.get("Authorization") is not None:
-                assert self._guard is not None
-                wait = self._guard.refused_for(conn)
-                if wait > 0:
-                    return _too_many_failures(wait)
-                refusal = refuse_bad_bearer(self.api_keys, request)
-                if refusal is not None:
-                    self._guard.failed(conn)
-                    return refusal
-            return refuse_bad_resume_point(request)
+            return self._check_bearer(conn, request) or refuse_bad_resume_point(request)
+        if path == "/stats":
+            # Counts say how busy the server is and how many agents are on:
+            # an integrator's business, not a passer-by's (/healthz shows none).
+            if request.headers.get("Authorization") is None:
+                return unauthorized()
+            return self._check_bearer(conn, request) or self.site.stats(self.statistics())
         return self.site.respond(path)
+
+    def _check_bearer(self, conn: Connection, request: Request) -> Response | None:
+        """None for a request with a right ``Authorization`` header, or none; else the refusal.
+
+        429 while the connection's address is refused (the key is not looked
+        at), 401 for a wrong key, which counts as a failure of the address.
+        """
+        if request.headers.get("Authorization") is None:
+            return None
+        assert self._guard is not None
+        wait = self._guard.refused_for(conn)
+        if wait > 0:
+            return _too_many_failures(wait)
+        refusal = refuse_bad_bearer(self.api_keys, request)
+        if refusal is not None:
+            self._guard.failed(conn)
+        return refusal
 
     def _too_busy(self) -> Response:
         """503 for an upgrade while ``server.maxPendingHandshakes`` connections wait to authenticate.
@@ -224,6 +293,7 @@ class DeskpushServer:
         server MAY send a Retry-After header field".
         """
         assert self._busy is not None
+        self._busy_refusals += 1
         self._busy.add("answered %d WebSocket upgrade(s) with 503: %d connections are waiting to authenticate "
                        "(server.maxPendingHandshakes = %d)", len(self._pending),
                        self.config.server.max_pending_handshakes)
@@ -265,6 +335,7 @@ class _Guard:
         self.trusted = trusted
         self.clock = clock
         self.limit = limit
+        self.refusals = 0  # attempts refused unchecked since start (429 and 4429)
         self._refusing = _EverySecond(clock)
 
     def source(self, conn: Connection) -> str:
@@ -275,7 +346,11 @@ class _Guard:
         return source_address(peer, forwarded, self.trusted)
 
     def refused_for(self, conn: Connection) -> float:
-        return self.throttle.refused_for(self.source(conn), self.clock.now() / 1000.0)
+        """Seconds ``conn``'s address must wait: more than 0, and the caller refuses it (counted here)."""
+        wait = self.throttle.refused_for(self.source(conn), self.clock.now() / 1000.0)
+        if wait > 0:
+            self.refusals += 1
+        return wait
 
     def failed(self, conn: Connection) -> None:
         source = self.source(conn)

@@ -1,4 +1,4 @@
-"""Plain HTTP on the WebSocket port: health, the demo's static files, and the headers they carry.
+"""Plain HTTP on the WebSocket port: health, statistics, the demo's static files, and the headers they carry.
 
 Every request that is not a WebSocket upgrade to an endpoint ends here, as
 one response and a closed connection (no keep-alive: browsers open these
@@ -10,16 +10,17 @@ integrator page) with a known extension; nothing else on disk is reachable.
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-__all__ = ["Site", "response", "plain"]
+from ..protocol.vocabulary import ErrorMessage
+
+__all__ = ["Site", "response", "plain", "unauthorized"]
 
 STATIC_DIR = Path(str(importlib.resources.files("deskpush.client")))
 CONTENT_TYPES = {
@@ -54,21 +55,33 @@ def plain(status: HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) 
     return response(status, text.encode(), "text/plain; charset=utf-8", extra)
 
 
+def unauthorized() -> Response:
+    """401 for a request without a valid integrator key (RFC 9110 section 11.6.1: with a challenge)."""
+    return plain(HTTPStatus.UNAUTHORIZED, f"{ErrorMessage.UNAUTHORIZED}\n", [("WWW-Authenticate", 'Bearer realm="deskpush"')])
+
+
+_HEALTHY = msgspec.json.encode({"status": "ok"})
+
+
 class Site:
     """Answers ``/healthz`` and, when ``demo`` is on, the static files; 404 for the rest."""
 
-    def __init__(self, *, demo: bool, health: Callable[[], dict[str, Any]], static_dir: Path = STATIC_DIR) -> None:
+    def __init__(self, *, demo: bool, static_dir: Path = STATIC_DIR) -> None:
         self.demo = demo
-        self.health = health
         self.static_dir = static_dir
 
     def respond(self, path: str) -> Response:
         if path == "/healthz":
-            body = msgspec.json.encode({"status": "ok", **self.health()})
-            return response(HTTPStatus.OK, body, "application/json")
+            # Up and listening, nothing more: it answers anyone, so it shows no counts (``stats``).
+            return response(HTTPStatus.OK, _HEALTHY, "application/json", [("Cache-Control", "no-store")])
         if self.demo:
             return self._static(path)
         return plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+
+    def stats(self, figures: Mapping[str, int]) -> Response:
+        """``GET /stats`` for an authenticated integrator: ``figures`` as JSON."""
+        return response(HTTPStatus.OK, msgspec.json.encode(figures), "application/json",
+                        [("Cache-Control", "no-store")])
 
     def _static(self, path: str) -> Response:
         name = "index.html" if path == "/" else path.removeprefix("/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -354,4 +355,33 @@ async def test_deskpush_notify_guessing_keys_meets_401_then_429(capsys):
         err = capsys.readouterr().err.splitlines()
         assert err.count("deskpush notify: unauthorized: "
                          f"ws://127.0.0.1:{srv.port}/integrator refused the API key (HTTP 401); check --api-key") == 3
-        assert err[-1] == f"deskpush notify: cannot connect to ws://127.0.0.1:{srv.port}/integrator: HTTP 429 Too Many Requests"
+        assert err[-1] == (f"deskpush notify: cannot connect to ws://127.0.0.1:{srv.port}/integrator: "
+                           "HTTP 429 Too Many Requests: too many failed authentications from this address; retry later")
+
+
+async def http_get(srv: DeskpushServer, path: str, authorization: str, source: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(source, 0))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n\r\n".encode())
+    async with asyncio.timeout(5 * UNIT):
+        data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_stats_key_guesses_are_throttled_too_and_counted():
+    async with throttled_server() as srv:
+        for _ in range(3):
+            status, _, _ = await http_get(srv, "/stats", "Bearer wrong-" + "x" * 32)
+            assert status == 401
+        status, headers, _ = await http_get(srv, "/stats", f"Bearer {API_KEY}")
+        assert status == 429 and "Retry-After" in headers
+        assert (await bearer(srv, API_KEY)).status_code == 429  # the same address, the same count
+        assert await browser_hello(srv, API_KEY) == 4429
+        status, _, body = await http_get(srv, "/stats", f"Bearer {API_KEY}", source="127.0.0.2")
+        assert status == 200
+        figures = json.loads(body)
+        assert figures["refusedAuthThrottled"] == 3
+        assert figures["pendingHandshakes"] == 0  # this request is plain HTTP: it does not count

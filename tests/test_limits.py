@@ -136,6 +136,8 @@ async def test_upgrades_past_max_pending_handshakes_get_503_and_health_still_ans
             response = exc.value.response
             assert response.status_code == 503 and response.headers["Retry-After"] == "1"
             assert b"waiting to authenticate" in response.body
+        figures = srv.statistics()
+        assert figures["refusedPendingHandshakes"] == 2 and figures["pendingHandshakes"] == 3
         # Plain HTTP is answered at once and closes: a load balancer's probe still works.
         status, _ = await http_get(srv, "/healthz")
         assert status == 200
