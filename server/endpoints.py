@@ -46,6 +46,26 @@ __all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
 log = logging.getLogger("deskpush")
 
 
+#: What a frame nested deeper than msgspec's decoder goes gets as its error.
+TOO_DEEP = "JSON nested too deeply"
+
+
+def decode(decoder: msgspec.json.Decoder, data: bytes) -> Any:
+    """``decoder.decode(data)``, with JSON nested too deeply as one more ``DecodeError``.
+
+    msgspec decodes nested arrays and objects (in ``templateParameters``'
+    values, or in an unknown field it skips) recursively, under Python's
+    recursion limit: about 1,000 levels, 2 KB of ``[``, raise
+    ``RecursionError``. That is bad input like any other, not a bug of the
+    server, so it gets the endpoint's error frame (or 4401 before the hello)
+    like any frame that does not decode, and nothing is logged.
+    """
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError(TOO_DEEP) from None
+
+
 class Bucket:
     """Token bucket: ``rate`` frames per second with ``burst`` in reserve; times in epoch ms."""
 
@@ -121,7 +141,7 @@ class Session:
             return
         endpoint = self.endpoint
         try:
-            frame = endpoint.decoder.decode(data)
+            frame = decode(endpoint.decoder, data)
         except msgspec.MsgspecError as exc:
             self.dispatcher.apply([Send((self.conn,), endpoint.bad_frame(data, exc))])
             return
@@ -138,7 +158,7 @@ class Session:
     def _hello(self, data: bytes, now: float) -> None:
         endpoint = self.endpoint
         try:
-            hello = endpoint.decoder.decode(data)
+            hello = decode(endpoint.decoder, data)
         except msgspec.MsgspecError:
             hello = None
         identity = endpoint.authenticate(hello) if type(hello) is endpoint.hello else None
@@ -265,7 +285,7 @@ def integrator_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.IntegratorE
     name = MsdynName.NOTIFY_EVENT
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         obj = None
     if isinstance(obj, dict):
         rid = obj.get("requestId")
