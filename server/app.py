@@ -38,7 +38,7 @@ from .endpoints import (
     refuse_bad_resume_point,
 )
 from .state import StateFile
-from .web import Site
+from .web import SECURITY_HEADERS, Site
 
 __all__ = ["DeskpushServer"]
 
@@ -90,6 +90,7 @@ class DeskpushServer:
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
             outbound_limit=s.outbound_limit,
+            http_headers=SECURITY_HEADERS,
         )
         self._stopped = asyncio.Event()
         self._listener = await loop.create_server(
