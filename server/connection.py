@@ -24,7 +24,10 @@ deskpush parses frame *headers* itself (RFC 6455 section 5.2), so it always
 knows where a frame ends, and handles the frame that is nearly all the
 traffic: complete, masked, final, text or binary, no reserved bits, within
 ``max_size``, outside a fragmented message. It unmasks it and hands the
-message to the session, in the loop iteration that read it. Any other frame
+message to the session, in the loop iteration that read it. websockets'
+sans-I/O layer does not check that a message is UTF-8 (its asyncio layer
+does, when it decodes), so every message, from either path, is checked on
+its way to the session: one that is not UTF-8 fails the connection with 1007. Any other frame
 is fed to websockets whole, from its first byte to its last, so websockets'
 parser only ever sees whole frames and is always at a frame boundary when
 deskpush parses the next header. The request is fed to it the same way: up
@@ -67,7 +70,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ..protocol.vocabulary import CLOSE_INTERNAL_ERROR, CLOSE_KEEPALIVE_TIMEOUT
+from ..protocol.vocabulary import CLOSE_INTERNAL_ERROR, CLOSE_KEEPALIVE_TIMEOUT, CloseCode
 
 __all__ = ["Connection", "ConnectionOptions", "Handler", "Session", "text_frame", "unmask"]
 
@@ -477,6 +480,20 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.protocol.state is not OPEN:
             return
+        if not data.isascii():  # nearly every message is ASCII: one quick scan, no decode
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                # RFC 6455 section 8.1: "When an endpoint is to interpret a byte
+                # stream as UTF-8 but finds that the byte stream is not, in fact,
+                # a valid UTF-8 stream, that endpoint MUST _Fail the WebSocket
+                # Connection_." Every message is JSON, which is UTF-8 (RFC 8259
+                # section 8.1), so a binary one is held to it too. The reason
+                # is websockets' own for the same fault.
+                self.flush()
+                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self._send_protocol_data()
+                return
         try:
             session.message(data)
         except Exception:

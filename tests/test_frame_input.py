@@ -11,9 +11,12 @@ import json
 import logging
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientProtocol, connect
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
-from .conftest import API_KEY, open_agent, open_integrator, recv_json, send_json
+from .conftest import API_KEY, UNIT, open_agent, open_integrator, recv_json, send_json
 from .test_server import expect_closed, notify
 
 # Within the default maxSize (64 KiB): 10,000 levels are 20 KB of brackets.
@@ -120,3 +123,107 @@ async def test_a_burst_of_deep_frames_before_auth_logs_nothing(server, caplog):
     await asyncio.gather(*(one() for _ in range(100)))
     no_errors_logged(caplog)
     assert len(caplog.records) < 10
+
+
+# ---------------------------------------------------------------------------
+# Messages that are not UTF-8: 1007, text or binary, before or after the hello
+
+
+async def raw_client(server, path: str, hello: dict | None):
+    """A client on a raw socket (websockets' own client will not send bad UTF-8 as text)."""
+    client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{server.port}{path}"))
+    client.send_request(client.connect())
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"".join(client.data_to_send()))
+    async with asyncio.timeout(5 * UNIT):
+        while client.state is not State.OPEN:
+            client.receive_data(await reader.read(65536))
+    client.events_received()
+    if hello is not None:
+        writer.write(Frame(Opcode.TEXT, json.dumps(hello).encode()).serialize(mask=True))
+        if path == "/agent":  # the welcome
+            async with asyncio.timeout(5 * UNIT):
+                while not client.events_received():
+                    client.receive_data(await reader.read(65536))
+    return client, reader, writer
+
+
+async def closed_with(client, reader, writer) -> tuple[int, str]:
+    """Read to the end; the server's close frame as (code, reason)."""
+    frames = []
+    async with asyncio.timeout(5 * UNIT):
+        while chunk := await reader.read(65536):
+            client.receive_data(chunk)
+            frames += client.events_received()
+    writer.close()
+    (close,) = [f for f in frames if f.opcode is Opcode.CLOSE]
+    return int.from_bytes(close.data[:2], "big"), close.data[2:].decode()
+
+
+NOT_UTF8 = {
+    "invalid start byte": b"\xff",
+    "continuation byte alone": b"\x80",
+    "truncated sequence": b"\xe2\x82",
+    "overlong slash": b"\xc0\xaf",
+    "surrogate half": b"\xed\xa0\x80",
+    "past U+10FFFF": b"\xf4\x90\x80\x80",
+}
+
+
+def ping_with(raw: bytes) -> bytes:
+    """A ping whose ignored field holds ``raw``: fine JSON, but for the bytes."""
+    return b'{"type":"ping","pad":"' + raw + b'"}'
+
+
+@pytest.mark.parametrize("name", list(NOT_UTF8))
+async def test_a_text_frame_that_is_not_utf8_closes_1007(server, caplog, name):
+    """On the fast path (one whole frame), in an ignored field, after the hello."""
+    bystander, _ = await open_agent(server, "bystander")
+    bystander_ig = await open_integrator(server)
+    hello = {"type": "hello", "token": server.tokens.issue("agent-7")}
+    client, reader, writer = await raw_client(server, "/agent", hello)
+    writer.write(Frame(Opcode.TEXT, ping_with(b"ok")).serialize(mask=True)
+                 + Frame(Opcode.TEXT, ping_with(NOT_UTF8[name])).serialize(mask=True))
+    code, reason = await closed_with(client, reader, writer)
+    assert code == 1007 and reason.endswith(f"at position {len(ping_with(b'')) - 2}")
+    await bystanders_fine(server, bystander, bystander_ig)
+    no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("how", ["fragmented text", "binary", "before the hello", "integrator", "integrator hello"])
+async def test_every_message_that_is_not_utf8_closes_1007(server, caplog, how):
+    bystander, _ = await open_agent(server, "bystander")
+    bystander_ig = await open_integrator(server)
+    path = "/integrator" if how.startswith("integrator") else "/agent"
+    hello = None
+    if how in ("fragmented text", "binary"):
+        hello = {"type": "hello", "token": server.tokens.issue("agent-7")}
+    elif how == "integrator":
+        hello = {"type": "hello", "apiKey": API_KEY}
+    client, reader, writer = await raw_client(server, path, hello)
+    bad = ping_with(b"\xc3(")
+    if how == "fragmented text":  # through websockets' parser, then joined
+        data = (Frame(Opcode.TEXT, bad[:22], fin=False).serialize(mask=True)
+                + Frame(Opcode.CONT, bad[22:]).serialize(mask=True))
+    elif how == "binary":
+        data = Frame(Opcode.BINARY, bad).serialize(mask=True)
+    else:
+        data = Frame(Opcode.TEXT, bad).serialize(mask=True)
+    writer.write(data)
+    code, reason = await closed_with(client, reader, writer)
+    assert (code, reason) == (1007, "invalid continuation byte at position 22")
+    await bystanders_fine(server, bystander, bystander_ig)
+    no_errors_logged(caplog)
+
+
+async def test_utf8_beyond_ascii_is_fine(server):
+    agent, _ = await open_agent(server)
+    ig = await open_integrator(server)
+    name = "Zoë 日本 \U0001f600"
+    await send_json(ig, notify("u1", progress=False,
+                               input={"templateName": "msdyn_chat_incoming_authenticated",
+                                      "templateParameters": {"customerName": name}}))
+    card = await recv_json(agent)
+    assert card["title"].endswith(name)
+    await agent.send(ping_with("ß ✓ \U0001f600".encode()), text=False)  # binary, and UTF-8: fine
+    assert (await recv_json(agent))["type"] == "pong"
