@@ -100,7 +100,7 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template
+from .templates import Renderer, Template, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
@@ -183,6 +183,8 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     outcome_history: Annotated[int, Meta(ge=0)] = 100_000
     outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
+    #: Bytes of a notification's rendered title and fields, as JSON; a bigger one is refused.
+    max_notification_bytes: Annotated[int, Meta(ge=1)] = 16 * 1024
 
 
 class State(enum.Enum):
@@ -735,6 +737,14 @@ class Engine:
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
         title, fields = render(inp.template_parameters)
+        limit = self.limits.max_notification_bytes
+        size = rendered_size_over(title, fields, limit)
+        if size:
+            out.append(Send((conn,), _notify_error(
+                rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                f"the rendered notification (title and fields) is {size} bytes, over "
+                f"limits.maxNotificationBytes ({limit}) - at $.input.templateParameters")))
+            return
         n = _Notification(
             id=self._new_id(),
             agent=agent,
