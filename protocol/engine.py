@@ -408,6 +408,11 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     histories: tuple[SavedHistory, ...] = ()
 
 
+#: Why a frame or a parameter nested deeper than msgspec's recursive decoder
+#: and encoder go is refused (about 1,000 levels, under Python's recursion limit).
+TOO_DEEP = "JSON nested too deeply"
+
+
 def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
     return f.IntegratorError(
         request_id=request_id,
@@ -736,7 +741,16 @@ class Engine:
             out.append(Send((conn,), _notify_error(rid, ErrorMessage.AGENT_NOT_CONNECTED,
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
-        title, fields = render(inp.template_parameters)
+        try:
+            title, fields = render(inp.template_parameters)
+        except RecursionError:
+            # A parameter that is not a string is rendered as JSON, by a
+            # recursive encoder a few calls deeper in the stack than the
+            # decoder that took it in: nested just short of what decodes, it
+            # may not encode. The same refusal as JSON too deep to decode.
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                                                   f"{TOO_DEEP} - at $.input.templateParameters")))
+            return
         limit = self.limits.max_notification_bytes
         size = rendered_size_over(title, fields, limit)
         if size:

@@ -33,6 +33,7 @@ import msgspec
 from websockets.http11 import Request, Response
 
 from ..protocol import Effect, Engine, Send
+from ..protocol.engine import TOO_DEEP
 from ..protocol import frames as f
 from ..protocol.vocabulary import CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, AgentErrorCode, ErrorMessage, MsdynName
 from .auth import AgentTokens, ApiKeys
@@ -44,10 +45,6 @@ from .web import plain
 __all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
 
 log = logging.getLogger("deskpush")
-
-
-#: What a frame nested deeper than msgspec's decoder goes gets as its error.
-TOO_DEEP = "JSON nested too deeply"
 
 
 def decode(decoder: msgspec.json.Decoder, data: bytes) -> Any:

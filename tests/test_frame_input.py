@@ -16,7 +16,9 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from .conftest import API_KEY, UNIT, open_agent, open_integrator, recv_json, send_json
+from deskpush.server import DeskpushServer
+
+from .conftest import API_KEY, SECRET, UNIT, make_config, open_agent, open_integrator, recv_json, send_json
 from .test_server import expect_closed, notify
 
 # Within the default maxSize (64 KiB): 10,000 levels are 20 KB of brackets.
@@ -84,6 +86,28 @@ async def test_deep_nesting_after_auth_is_reject_after_client_error(server, capl
     await send_json(ig, {"type": "cancelEvent", "requestId": "c1", "cancellationToken": "nope"})
     assert (await recv_json(ig))["error"]["message"] == "CancellationTokenNotFoundError"  # the connection stays
     await bystanders_fine(server, bystander, bystander_ig)
+    no_errors_logged(caplog)
+
+
+async def test_every_depth_around_the_decoders_limit_gets_an_answer(caplog):
+    """Just short of what decodes, a parameter must still render (it is encoded as JSON then)."""
+    caplog.set_level(logging.DEBUG, logger="deskpush")
+    # No queue, and the one display slot taken: each offer that renders ends at once with a result.
+    async with DeskpushServer(make_config(queue_limit=0), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        await open_agent(srv)
+        ig = await open_integrator(srv)
+        await send_json(ig, notify("first"))
+        assert [(await recv_json(ig))["state"] for _ in range(2)] == ["queued", "displayed"]
+        answers = []
+        for depth in range(900, 1100, 2):
+            frame = notify(f"d{depth}")
+            frame["input"]["templateParameters"] = {"comment": "__DEEP__"}
+            await ig.send(json.dumps(frame).replace('"__DEEP__"', nested(depth)))
+            reply = await recv_json(ig)
+            answers.append(reply["type"] if reply["type"] == "result" else reply["error"]["details"])
+    assert answers[0] == "result" and answers[-1] == "malformed JSON: JSON nested too deeply", answers
+    assert set(answers) <= {"result", "malformed JSON: JSON nested too deeply",
+                            "JSON nested too deeply - at $.input.templateParameters"}, answers
     no_errors_logged(caplog)
 
 

@@ -121,3 +121,20 @@ async def test_an_oversized_card_is_refused_over_a_real_socket():
         await send_json(ig, notify("small", progress=False))  # the connection stays; the agent saw nothing
         card = await recv_json(agent)
         assert card["type"] == "notification" and card["fields"] == []
+
+
+def test_a_parameter_too_deep_to_render_is_refused_not_a_crash():
+    """A value nested just short of what decodes can still be too deep to encode a few calls further in."""
+    h = setup()
+    value: list = []
+    for _ in range(5000):  # built in Python: deeper than the decoder would ever let through
+        value = [value]
+    frame = f.NotifyEvent(request_id="r1", agent_id="a1",
+                          input=f.NotifyInput(template_name=CHAT, template_parameters={"customerName": value}))
+    out = h.integrator_frame("i1", frame)
+    assert [wire(x) for x in sent_to(out, "i1")] == [
+        {"type": "error", "requestId": "r1",
+         "error": {"message": "RejectAfterClientError", "msdyn_name": "NotifyEvent",
+                   "details": "JSON nested too deeply - at $.input.templateParameters"}},
+    ]
+    assert sent_to(out, "s1") == [] and h.engine.statistics()["live"] == 0
