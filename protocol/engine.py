@@ -109,7 +109,7 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template
+from .templates import Renderer, Template, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
@@ -208,6 +208,8 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
     sessions_per_agent: Annotated[int, Meta(ge=1, le=100_000)] = 10
+    #: Bytes of a notification's rendered title and fields, as JSON; a bigger one is refused.
+    max_notification_bytes: Annotated[int, Meta(ge=1)] = 16 * 1024
 
 
 class State(enum.Enum):
@@ -435,6 +437,11 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     history_start: f.OutcomeId | None = None
     last_outcome_id: f.OutcomeId | None = None
     histories: tuple[SavedHistory, ...] = ()
+
+
+#: Why a frame or a parameter nested deeper than msgspec's recursive decoder
+#: and encoder go is refused (about 1,000 levels, under Python's recursion limit).
+TOO_DEEP = "JSON nested too deeply"
 
 
 def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
@@ -777,7 +784,24 @@ class Engine:
             out.append(Send((conn,), _notify_error(rid, ErrorMessage.AGENT_NOT_CONNECTED,
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
-        title, fields = render(inp.template_parameters)
+        try:
+            title, fields = render(inp.template_parameters)
+        except RecursionError:
+            # A parameter that is not a string is rendered as JSON, by a
+            # recursive encoder a few calls deeper in the stack than the
+            # decoder that took it in: nested just short of what decodes, it
+            # may not encode. The same refusal as JSON too deep to decode.
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                                                   f"{TOO_DEEP} - at $.input.templateParameters")))
+            return
+        limit = self.limits.max_notification_bytes
+        size = rendered_size_over(title, fields, limit)
+        if size:
+            out.append(Send((conn,), _notify_error(
+                rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                f"the rendered notification (title and fields) is {size} bytes, over "
+                f"limits.maxNotificationBytes ({limit}) - at $.input.templateParameters")))
+            return
         n = _Notification(
             id=self._new_id(),
             agent=agent,

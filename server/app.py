@@ -57,7 +57,7 @@ from .endpoints import (
 )
 from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
 from .state import StateFile, StateFileError
-from .web import Site, plain, unauthorized
+from .web import SECURITY_HEADERS, Site, plain, unauthorized
 
 __all__ = ["DeskpushServer"]
 
@@ -133,6 +133,7 @@ class DeskpushServer:
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
             outbound_limit=s.outbound_limit,
+            http_headers=SECURITY_HEADERS,
         )
         self._stopped = asyncio.Event()
         before, limit = raise_open_files_limit()  # every connection takes one

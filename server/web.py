@@ -1,10 +1,14 @@
 """Plain HTTP on the WebSocket port: health, statistics, the demo's static files, and the headers they carry.
 
-Every request that is not a WebSocket upgrade to an endpoint ends here, as
-one response and a closed connection (no keep-alive: browsers open these
+Every GET (or HEAD) that is not a WebSocket upgrade to an endpoint ends here,
+as one response and a closed connection (no keep-alive: browsers open these
 rarely, load balancers once per probe). The static files are the files
 directly in ``deskpush.client`` (the browser desktop, ``cif.js``, the
 integrator page) with a known extension; nothing else on disk is reachable.
+
+``SECURITY_HEADERS`` go on every answer, these and the connection's own (405,
+426, 431): the server sets them as ``ConnectionOptions.http_headers``. A page
+replaces the strict default ``Content-Security-Policy`` with ``CSP``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from websockets.http11 import Response
 
 from ..protocol.vocabulary import ErrorMessage
 
-__all__ = ["Site", "response", "plain", "unauthorized"]
+__all__ = ["Site", "response", "plain", "unauthorized", "CSP", "SECURITY_HEADERS"]
 
 STATIC_DIR = Path(str(importlib.resources.files("deskpush.client")))
 CONTENT_TYPES = {
@@ -31,20 +35,34 @@ CONTENT_TYPES = {
     ".png": "image/png",
     ".ico": "image/x-icon",
 }
-# The demo pages load nothing from elsewhere and run no inline script.
+# The demo pages load nothing from elsewhere, run no inline script and open
+# WebSockets to this server only. CSP Level 3, "Does url match expression in
+# origin with redirect count?": 'self' matches a URL on the page's own host
+# and port when "origin's scheme is "http" and url's scheme is "http" or
+# "ws"", or "url's scheme is "https" or "wss"" (Chromium and Firefox; WebKit
+# since 2022: the web-platform test connect-src-websocket-self). No host is
+# written here: the configured one may be 0.0.0.0 behind a proxy, and the
+# Host header is the client's to choose.
 CSP = (
-    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+# Every answer: never sniffed as another type, never framed, and nothing a
+# browser could render from it may load anything; no Referer leaves a page
+# (the desktop's address may hold a token in its fragment until the page scrubs it).
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy", "default-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
 )
 
 
 def response(status: HTTPStatus, body: bytes, content_type: str,
              extra: Iterable[tuple[str, str]] = ()) -> Response:
-    """A complete response that closes the connection."""
+    """A complete response that closes the connection (the connection adds ``SECURITY_HEADERS``)."""
     headers = Headers([
         ("Content-Type", content_type),
         ("Content-Length", str(len(body))),
-        ("X-Content-Type-Options", "nosniff"),
         ("Connection", "close"),
         *extra,
     ])

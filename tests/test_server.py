@@ -405,7 +405,8 @@ async def test_flooding_agent_is_closed_and_others_are_not_affected():
 async def test_slow_agent_is_dropped_without_stalling_others():
     config = Config(
         server=ServerSection(host="127.0.0.1", port=0, outbound_limit=64 * 1024),
-        limits=Limits(display_limit=1000, queue_limit=0, presence_grace=60),
+        # 60 KB cards, past the default maxNotificationBytes, fill its buffer quickly.
+        limits=Limits(display_limit=1000, queue_limit=0, presence_grace=60, max_notification_bytes=64 * 1024),
     )
     async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         # The slow desktop stops reading after its welcome.
