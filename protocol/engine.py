@@ -180,6 +180,9 @@ class Ended(msgspec.Struct, frozen=True, gc=False):
     correlation_id: str | None
     outcome: Outcome
     delivered: bool
+    #: Milliseconds from the notifyEvent to this outcome (for metrics); None
+    #: for a notification restored from a snapshot that did not keep the time.
+    duration: float | None = None
 
 
 class Close(msgspec.Struct, frozen=True, gc=False):
@@ -243,6 +246,7 @@ class _Notification:
     state: State = QUEUED
     deadline: float = 0.0  # of the queue while QUEUED, of the display while DISPLAYED
     frame: f.Notification | None = None  # the card, once displayed
+    created: float | None = None  # when its notifyEvent arrived (None: restored without it)
 
 
 class _Remembered(msgspec.Struct, frozen=True, gc=False):
@@ -396,6 +400,9 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
     state: Literal["queued", "displayed"]
     deadline: float
     frame: f.Notification | None = None
+    #: When its notifyEvent arrived (epoch ms), for the offer-to-outcome
+    #: duration; absent from snapshots of earlier versions.
+    created_at: float | None = None
 
 
 class SavedOutcome(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
@@ -503,6 +510,8 @@ class Engine:
         self._ids = OutcomeClock()
         self._history_start: str | None = None  # set by the first event, or a snapshot
         self.outcomes = 0
+        #: Notifications made from a notifyEvent (those refused at once by a full queue too).
+        self.offers = 0
 
     # ------------------------------------------------------------------
     # Queries
@@ -559,6 +568,7 @@ class Engine:
             "live": len(self._live),
             "displayed": sum(len(a.displayed) for a in self._agents.values()),
             "outcomes": self.outcomes,
+            "offers": self.offers,
             "remembered": len(self._recent),
             "history": sum(len(k.history) for k in self._keys.values()),
             "timers": self._timers.size,
@@ -814,7 +824,9 @@ class Engine:
             template=render.template,
             title=title,
             fields=fields,
+            created=now,
         )
+        self.offers += 1
         self._place(n, now, out)
 
     def _notify_again(self, conn: Conn, key: _Key, frame: f.NotifyEvent, out: list[Effect]) -> bool:
@@ -1039,7 +1051,9 @@ class Engine:
             delivered = bool(key.resuming)
             if delivered:
                 out.append(Send(key.resuming, result))
-        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
+        created = n.created
+        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered,
+                         None if created is None else now - created))
 
         if was is DISPLAYED:
             agent.displayed.remove(n)
@@ -1104,7 +1118,7 @@ class Engine:
                     id=n.id, agent_id=agent.id, integrator=n.integrator, request_id=n.request_id,
                     cancellation_token=n.token, correlation_id=n.correlation_id, progress=n.progress,
                     template=n.template, title=n.title, fields=n.fields, state=n.state.value,
-                    deadline=n.deadline, frame=n.frame,
+                    deadline=n.deadline, frame=n.frame, created_at=n.created,
                 ))
         histories = []
         for key in self._keys.values():
@@ -1163,7 +1177,7 @@ class Engine:
                 id=s.id, agent=agent, integrator=s.integrator, owner=None, request_id=s.request_id,
                 token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
                 template=s.template, title=s.title, fields=s.fields, state=State(s.state),
-                deadline=s.deadline, frame=s.frame,
+                deadline=s.deadline, frame=s.frame, created=s.created_at,
             )
             self._live[n.id] = n
             self._tokens[(n.integrator, n.token)] = n

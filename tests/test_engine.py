@@ -117,11 +117,12 @@ def test_cif_example_empty_parameters_accept():
         {"type": "resolved", "notificationId": note.notification_id, "actionName": "Accept",
          "responseReason": "Accept"},
     ]
-    assert ended(out) == [Ended(note.notification_id, "a1", "k1", None, ACCEPTED, True)]
+    assert ended(out) == [Ended(note.notification_id, "a1", "k1", None, ACCEPTED, True, 0.0)]
     assert h.engine.outcome_of(note.notification_id) == ACCEPTED
     assert h.engine.state_of(note.notification_id) is State.ENDED
     assert h.engine.displayed("a1") == []
     assert h.engine.outcomes == 1
+    assert h.engine.offers == 1
 
 
 def test_reject_is_declined_by_agent():
@@ -138,8 +139,10 @@ def test_reject_is_declined_by_agent():
 def test_ended_effect_carries_correlation_id():
     h = setup()
     nid = offer(h, "r1", correlation_id="ticket-42")
+    h.now += 2500.0
     out = h.respond("s1", nid, "Accept")
-    assert ended(out) == [Ended(nid, "a1", "k1", "ticket-42", ACCEPTED, True)]
+    # duration: milliseconds from the notifyEvent to the outcome (for the metrics).
+    assert ended(out) == [Ended(nid, "a1", "k1", "ticket-42", ACCEPTED, True, 2500.0)]
 
 
 def test_ping_pong_carries_server_time():
@@ -1081,7 +1084,7 @@ def test_integrator_disconnect_does_not_cancel_outcome_goes_to_history():
     assert h.engine.state_of(nid) is State.DISPLAYED
     out = h.respond("s1", nid, "Accept")
     assert targets(out) == {"s1"}  # nothing to the gone connection
-    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False)]
+    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False, 0.0)]
     assert history(h) == [("r1", ACCEPTED)]
     assert history(h, "k2") == []
     # Another connection of the same integrator can still cancel-by-token to learn the outcome.
@@ -1113,7 +1116,7 @@ def test_integrator_disconnect_then_cancel_by_another_connection_of_the_integrat
     out = h.cancel("i2", "c1", "T")
     assert targets(out) == {"i2", "s1"}  # i2 did not resume: it gets its cancel's answer only
     assert [(r.request_id, outcome_of_result(r)) for r in results(out, "i2")] == [("c1", CANCELLED)]
-    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", CANCELLED, False)]
+    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", CANCELLED, False, 0.0)]
     assert history(h) == [("r1", CANCELLED)]
 
 
@@ -1175,7 +1178,7 @@ def test_statistics():
     offer(h, "r1")
     offer(h, "r2")
     assert h.engine.statistics() == {"agents": 1, "agentSessions": 2, "integrators": 1, "live": 2,
-                                     "displayed": 1, "outcomes": 0, "remembered": 0, "history": 0, "timers": 2}
+                                     "displayed": 1, "outcomes": 0, "offers": 2, "remembered": 0, "history": 0, "timers": 2}
 
 
 @pytest.mark.parametrize("action, outcome", [("Accept", ACCEPTED), ("Reject", DECLINED)])
