@@ -9,6 +9,7 @@
 * ``web.Site``: ``/healthz``, ``/stats`` and the demo's static files;
 * ``dispatch.Dispatcher``: engine effects to writes, and the one timer;
 * ``state.StateFile``: pending notifications across a restart;
+* ``metrics``: what is counted for Prometheus, ``/metrics``, and its own port;
 * the engine (``deskpush.protocol.Engine``), which holds every notification.
 
 It routes each handshake: an upgrade to ``/agent`` or ``/integrator`` opens a
@@ -41,7 +42,7 @@ from websockets.http11 import Request, Response
 
 from ..protocol import Engine
 from ..protocol.vocabulary import CloseCode
-from . import logs
+from . import logs, metrics
 from .auth import ApiKeys, FailureThrottle, Network, source_address
 from .clock import Clock, LoopClock
 from .config import Config
@@ -96,6 +97,11 @@ class DeskpushServer:
         self._clock: LoopClock | None = None
         self._stopped: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None  # set while closing, once no connection is left
+        #: What the hot paths count for the metrics; None with ``server.metrics`` false.
+        self.counts = metrics.Counts() if config.server.metrics else None
+        self._metrics_registry = (metrics.registry(metrics.Collector(self.counts, self.statistics))
+                                  if self.counts is not None else None)
+        self._metrics_port: metrics.MetricsPort | None = None
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -116,7 +122,8 @@ class DeskpushServer:
             self.state_file.check()
             snapshot = self.state_file.load()
         self._clock = clock = LoopClock(loop)
-        self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log))
+        self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log),
+                                      counts=self.counts)
         self._guard = guard = _Guard(self.auth_failures, self._trusted, clock, self.config.auth.failed_auth_limit)
         self._busy = _EverySecond(clock)
         self._endpoints = {
@@ -154,6 +161,15 @@ class DeskpushServer:
             log.info("restored %d pending notifications and %d kept outcomes from %s",
                      len(snapshot.notifications), sum(len(h.outcomes) for h in snapshot.histories),
                      self.state_file.path)
+        if self._metrics_registry is not None and s.metrics_port is not None:
+            self._metrics_port = metrics.MetricsPort(self._metrics_registry, options)
+            try:
+                await self._metrics_port.start(s.metrics_host, s.metrics_port)
+            except OSError:
+                listener, self._listener = self._listener, None
+                listener.close()
+                self._dispatcher.close()
+                raise
         self._listener.start()
         log.info("open files limit %d%s: one per connection", limit,
                  f" (soft limit raised from {before})" if limit != before else "")
@@ -168,6 +184,8 @@ class DeskpushServer:
             return
         listener, self._listener = self._listener, None
         listener.close()
+        if self._metrics_port is not None:
+            await self._metrics_port.close()
         await listener.wait_closed()  # the connections accepted until now are in _connections
         for conn in list(self._connections):
             if conn.open:
@@ -227,6 +245,11 @@ class DeskpushServer:
         return len(self._pending)
 
     @property
+    def metrics_port(self) -> int | None:
+        """The bound port of ``server.metricsPort`` (useful with 0), or None when there is none."""
+        return self._metrics_port.port if self._metrics_port is not None else None
+
+    @property
     def dispatcher(self) -> Dispatcher:
         """What applies the engine's effects and runs its timer (once started)."""
         assert self._dispatcher is not None, "start() first"
@@ -267,6 +290,12 @@ class DeskpushServer:
             if request.headers.get("Authorization") is None:
                 return unauthorized()
             return self._check_bearer(conn, request) or self.site.stats(self.statistics())
+        if path == "/metrics" and self._metrics_registry is not None:
+            # The same figures as /stats and the same rule (server.metricsPort
+            # serves them without a key, on an address of their own).
+            if request.headers.get("Authorization") is None:
+                return unauthorized()
+            return self._check_bearer(conn, request) or metrics.render(self._metrics_registry, request)
         return self.site.respond(path)
 
     def _check_bearer(self, conn: Connection, request: Request) -> Response | None:
@@ -305,13 +334,16 @@ class DeskpushServer:
         assert conn.request is not None and self._dispatcher is not None and self._clock is not None
         endpoint = self._endpoints[conn.request.path.partition("?")[0]]
         return Session(conn, endpoint, self._dispatcher, self._clock, accepted_at=self._pending.get(conn),
-                       on_authenticated=self._authenticated)
+                       on_authenticated=self._authenticated,
+                       counts=self.counts.endpoints[endpoint.name] if self.counts is not None else None)
 
     def _authenticated(self, conn: Connection) -> None:
         self._pending.pop(conn, None)
 
     def closed(self, conn: Connection) -> None:
         self._pending.pop(conn, None)
+        if self.counts is not None:
+            self.counts.closed(conn)
         self._connections.discard(conn)
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()

@@ -66,6 +66,11 @@ class ServerSection(_Section):
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the
     # client, for the failed-authentication throttle. Empty: the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
+    # Count for Prometheus and serve GET /metrics (with an integrator key). false: neither.
+    metrics: bool = True
+    # A port of its own for GET /metrics, without a key, on metricsHost. None: none.
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 class ApiKey(_Section):

@@ -30,8 +30,10 @@ from typing import Protocol
 
 from ..protocol import Close, Ended, Engine, Send
 from ..protocol import frames as f
+from ..protocol.frames import AgentError, IntegratorError
 from .clock import Cancellable, Clock
 from .connection import text_frame
+from .metrics import Counts
 
 __all__ = ["Dispatcher", "Target"]
 
@@ -61,6 +63,7 @@ class Dispatcher:
         timer_budget: float = 0.1,
         write_at: int = 64,
         flush_slice: int = 256,
+        counts: Counts | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -78,6 +81,9 @@ class Dispatcher:
         self._timer: Cancellable | None = None
         self._armed: float | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
+        #: Where frames sent, errors, outcomes and timer lateness are counted
+        #: for the metrics (``server.metrics``); None: not counted.
+        self.counts = counts
 
     def close(self) -> None:
         """Cancel the timer; nothing is ended or written any more."""
@@ -97,9 +103,15 @@ class Dispatcher:
         dirty = self._dirty
         write_at = self.write_at
         log_outcome = self.log_outcome
+        counts = self.counts
         for effect in effects:
             if type(effect) is Send:
                 frame = text_frame(encode(effect.frame))
+                if counts is not None:
+                    kind = type(effect.frame)
+                    counts.sent[kind] += len(effect.targets)
+                    if kind is AgentError or kind is IntegratorError:
+                        counts.error(effect.frame)
                 for conn in effect.targets:
                     if conn.queue_frame(frame) >= write_at:
                         # A full batch (an integrator's results during a burst
@@ -110,6 +122,8 @@ class Dispatcher:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
                               len(effect.targets))
             elif type(effect) is Ended:
+                if counts is not None:
+                    counts.ended(effect)
                 if log_outcome is not None:
                     log_outcome(effect)
             else:  # Close: what was queued on them goes first
@@ -186,8 +200,11 @@ class Dispatcher:
         self._armed = None
         # A timer may fire a hair early; the deadline it was armed for is due.
         now = self.clock.now()
-        if deadline is not None and deadline > now:
-            now = deadline
+        if deadline is not None:
+            if deadline > now:
+                now = deadline
+            elif self.counts is not None:
+                self.counts.lateness.observe((now - deadline) / 1000.0)
         self._end_due(now, self.timer_budget)
 
     def _end_due(self, now: float, budget: float) -> None:

@@ -53,6 +53,7 @@ from .auth import AgentTokens, ApiKeys
 from .clock import Cancellable, Clock
 from .connection import Connection
 from .dispatch import Dispatcher
+from .metrics import EndpointCounts
 from .web import plain
 
 __all__ = ["Endpoint", "Guard", "Session", "agent_endpoint", "integrator_endpoint"]
@@ -137,11 +138,12 @@ class Session:
     """One open WebSocket connection on an endpoint."""
 
     __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer", "hello_deadline",
-                 "on_authenticated")
+                 "on_authenticated", "counts")
 
     def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock, *,
                  accepted_at: float | None = None,
-                 on_authenticated: Callable[[Connection], None] | None = None) -> None:
+                 on_authenticated: Callable[[Connection], None] | None = None,
+                 counts: EndpointCounts | None = None) -> None:
         """Start the session of ``conn``, which just opened.
 
         Args:
@@ -149,12 +151,15 @@ class Session:
                 now). The endpoint's ``hello_timeout`` counts from there, so the
                 handshake and the hello share one bound.
             on_authenticated: called with ``conn`` once it has proved who it is.
+            counts: where its messages and its authentication are counted for
+                the metrics (None: not counted).
         """
         self.conn = conn
         self.endpoint = endpoint
         self.dispatcher = dispatcher
         self.clock = clock
         self.on_authenticated = on_authenticated
+        self.counts = counts
         now = clock.now()
         self.bucket = Bucket(endpoint.rate, endpoint.burst, now)
         self.hello_timer: Cancellable | None = None
@@ -167,6 +172,9 @@ class Session:
             self._authenticated(self.identity, None, now)
 
     def message(self, data: bytes) -> None:
+        counts = self.counts
+        if counts is not None:
+            counts.frames_in += 1
         now = self.clock.now()
         if self.identity is None:
             self._hello(data, now)  # one message, whatever it is: no rate to limit
@@ -221,6 +229,8 @@ class Session:
     def _authenticated(self, identity: str, hello: Any, now: float) -> None:
         if self.on_authenticated is not None:
             self.on_authenticated(self.conn)
+        if self.counts is not None:
+            self.counts.sessions += 1
         self.dispatcher.apply(self.endpoint.connected(self.conn, identity, hello, now))
         log.debug("%s %s connected from %s", self.endpoint.name, identity, self.conn.remote_address)
 
