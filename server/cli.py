@@ -1,6 +1,6 @@
 """``deskpush``: the command line.
 
-    deskpush serve [--config FILE] [--host H] [--port P] [--log-level L]
+    deskpush serve [--config FILE] [--host H] [--port P] [--log-level L] [--log-format text|json]
     deskpush token AGENT_ID [--config FILE] [--ttl SECONDS]
     deskpush notify --agent ID --template NAME [--param key=value ...]
 
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secret = config.jwt_secret()
     keys = config.api_keys()
     generated_key = None if keys else ephemeral_secret()
-    handler = logs.setup(args.log_level)
+    handler = logs.setup(args.log_level, fmt=args.log_format)
     try:
         _run(functools.partial(_serve, config, secret or ephemeral_secret(), keys or {"default": generated_key},
                                banner=functools.partial(_banner, config, args.agent, ephemeral=secret is None,
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="listen port (default from config: 8765; 0 picks one)")
     s.add_argument("--agent", default="agent-1", help="agent id of the token printed at start (default agent-1)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-format", default="text", choices=list(logs.FORMATS),
+                   help="text lines (default), or json: one JSON object per line, the outcome's fields as keys")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("token", help="print an agent token")

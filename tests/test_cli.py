@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -71,6 +72,41 @@ async def test_serve_with_no_arguments_prints_what_to_connect_with_and_stops_cle
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO deskpush\.outcome outcome .*", line), line
         assert f"notificationId={card['notificationId']}" in line
         assert "agentId=agent-1" in line and "actionName=Accept responseReason=Accept" in line
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_log_format_json_writes_one_object_per_line_with_the_outcome_fields():
+    proc, printed = await start_cli("--log-format", "json", env={"DESKPUSH_JWT_SECRET": "", "DESKPUSH_API_KEY": ""})
+    try:
+        port = printed["port"]
+        agent = await connect(f"ws://127.0.0.1:{port}/agent")
+        await send_json(agent, {"type": "hello", "token": printed["token"]})
+        await recv_json(agent)
+        ig = await connect(f"ws://127.0.0.1:{port}/integrator",
+                           additional_headers={"Authorization": f"Bearer {printed['key']}"})
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-1", "progress": False,
+                             "correlationId": "case-42",
+                             "input": {"templateName": "msdyn_chat_incoming_unauthenticated"}})
+        card = await recv_json(agent)
+        await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
+        await recv_json(ig)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10 * UNIT):
+            assert await proc.wait() == 0
+        lines = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines()]
+        # Every line is JSON, the start and the shutdown too.
+        messages = [line["message"] for line in lines]
+        assert any(m.startswith("open files limit ") for m in messages)
+        assert "received SIGTERM, shutting down" in messages and messages[-1] == "stopped"
+        (outcome,) = [line for line in lines if line["logger"] == "deskpush.outcome"]
+        assert outcome["level"] == "INFO" and outcome["message"] == "outcome"
+        assert {k: outcome[k] for k in ("notificationId", "agentId", "correlationId", "actionName",
+                                         "responseReason", "delivered")} == {
+            "notificationId": card["notificationId"], "agentId": "agent-1", "correlationId": "case-42",
+            "actionName": "Accept", "responseReason": "Accept", "delivered": True}
     finally:
         if proc.returncode is None:
             proc.kill()
