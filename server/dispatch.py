@@ -30,10 +30,9 @@ from typing import Protocol
 
 from ..protocol import Close, Ended, Engine, Send
 from ..protocol import frames as f
-from ..protocol.frames import AgentError, IntegratorError
 from .clock import Cancellable, Clock
 from .connection import text_frame
-from .metrics import Counts
+from .metrics import ERROR_FRAMES, Counts
 
 __all__ = ["Dispatcher", "Target"]
 
@@ -104,13 +103,14 @@ class Dispatcher:
         write_at = self.write_at
         log_outcome = self.log_outcome
         counts = self.counts
+        sent = counts.sent if counts is not None else None
         for effect in effects:
             if type(effect) is Send:
                 frame = text_frame(encode(effect.frame))
-                if counts is not None:
+                if sent is not None:
                     kind = type(effect.frame)
-                    counts.sent[kind] += len(effect.targets)
-                    if kind is AgentError or kind is IntegratorError:
+                    sent[kind] += len(effect.targets)
+                    if kind in ERROR_FRAMES:
                         counts.error(effect.frame)
                 for conn in effect.targets:
                     if conn.queue_frame(frame) >= write_at:

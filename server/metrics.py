@@ -24,7 +24,7 @@ counters, base units (``_seconds``). docs/protocol.md (HTTP) lists them all.
 from __future__ import annotations
 
 import asyncio
-import bisect
+from bisect import bisect_left
 import logging
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -38,7 +38,7 @@ from websockets.http11 import Request, Response
 
 from ..protocol import Ended
 from ..protocol import frames as f
-from ..protocol.vocabulary import CloseCode
+from ..protocol.vocabulary import OUTCOMES, CloseCode
 from . import __version__
 from .web import plain, response
 
@@ -70,6 +70,10 @@ _FRAME_LABELS: dict[type, tuple[str, str]] = {
 }
 
 
+#: The error frames, counted by code too.
+ERROR_FRAMES = frozenset({f.AgentError, f.IntegratorError})
+
+
 class Histogram:
     """Observations into fixed buckets: one ``bisect`` and two additions each."""
 
@@ -82,7 +86,7 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         # bisect_left: the first bound >= value, as Prometheus' "le" buckets count.
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     @property
@@ -116,7 +120,8 @@ class Counts:
         self.endpoints = {name: EndpointCounts() for name in ENDPOINTS}
         self.sent: dict[type, int] = dict.fromkeys(_FRAME_LABELS, 0)  # frames queued to send, by frame type
         self.errors: dict[tuple[str, str], int] = {}  # (endpoint, code)
-        self.durations: dict[tuple[str, str], Histogram] = {}  # (actionName, responseReason)
+        # (actionName, responseReason): the engine's outcomes are known, any other gets one when it comes.
+        self.durations: dict[tuple[str, str], Histogram] = {o: Histogram(OFFER_BUCKETS) for o in OUTCOMES.values()}
         self.untimed: dict[tuple[str, str], int] = {}  # outcomes of offers whose start is not known
         self.lateness = Histogram(LATENESS_BUCKETS)
         self.closes: dict[tuple[str, str, str], int] = {}  # (endpoint, initiator, code)
@@ -130,7 +135,7 @@ class Counts:
         self.errors[key] = self.errors.get(key, 0) + 1
 
     def ended(self, e: Ended) -> None:
-        """An outcome: counted, and its offer's duration observed."""
+        """An outcome: counted, and its offer's duration observed (``Histogram.observe``, inlined)."""
         outcome = e.outcome
         durations = self.durations.get(outcome)
         if durations is None:
@@ -138,8 +143,10 @@ class Counts:
         duration = e.duration
         if duration is None:  # restored from a snapshot that did not keep the time: counted, not timed
             self.untimed[outcome] = self.untimed.get(outcome, 0) + 1
-        else:
-            durations.observe(duration / 1000.0)
+            return
+        seconds = duration / 1000.0
+        durations.counts[bisect_left(durations.bounds, seconds)] += 1
+        durations.sum += seconds
 
     # The server's, per connection ----------------------------------------
 
