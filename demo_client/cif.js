@@ -1,9 +1,14 @@
 // cif.js: Dynamics 365 Channel Integration Framework 2.0 notifyEvent / cancelEvent
 // for deskpush, in the browser. An ES module; no build step.
 //
-//   <script type="module" src="/cif.js"></script>
-//   Microsoft.CIFramework.configure({ apiKey: "...", agentId: "agent-1" });
+//   <script type="module" src="https://deskpush.example/cif.js"></script>
+//   Microsoft.CIFramework.configure({ url: "wss://deskpush.example", apiKey: "...", agentId: "agent-1" });
 //   Microsoft.CIFramework.notifyEvent(input).then(success, failure);   // CIF's own example, unchanged
+//
+// A page on any origin may load it from deskpush (the server sends it, and the
+// ./vocabulary.js it imports, with Access-Control-Allow-Origin: *), or serve
+// a copy of both files itself; docs/integrating.md shows both. `url` defaults
+// to the server this file was loaded from.
 //
 // notifyEvent(input, correlationId, cancellationToken) resolves with
 // {value: {actionName, responseReason}} and cancelEvent(cancellationToken,
@@ -101,8 +106,12 @@ const handlers = new Map(); // event name -> Set<function>
 let counter = 0;
 
 function defaultUrl() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}/integrator`;
+  // The server this file came from: the page's own when deskpush serves the
+  // page, deskpush's when a page elsewhere loads it from there. A copy served
+  // by the page's own site (vendored) must be given the url.
+  const here = new URL(import.meta.url);
+  const scheme = here.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${here.host}/integrator`;
 }
 
 function normalizeUrl(url) {
@@ -374,7 +383,8 @@ function optionalString(value) {
 
 /**
  * Set the server, the integrator API key and the default target agent.
- * `url` defaults to this page's host (ws(s)://host/integrator); an http(s)
+ * `url` defaults to the host this file was loaded from (ws(s)://host/integrator):
+ * deskpush itself, unless the file was copied to another site; an http(s)
  * URL or a bare origin is accepted too. Calling it again with another url or
  * key closes the current connection and rejects the pending calls
  * (RejectAfterClientError); the next call starts afresh (resumeAfter "$").
