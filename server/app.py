@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from http import HTTPStatus
 
 from websockets.http11 import Request, Response
 
@@ -41,7 +42,7 @@ from .endpoints import (
 )
 from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
 from .state import StateFile, StateFileError
-from .web import SECURITY_HEADERS, Site, unauthorized
+from .web import SECURITY_HEADERS, Site, plain, unauthorized
 
 __all__ = ["DeskpushServer"]
 
@@ -72,6 +73,10 @@ class DeskpushServer:
         self._clock: LoopClock | None = None
         self._stopped: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None  # set while closing, once no connection is left
+        origins = config.server.allowed_origins
+        # Browsers send Origin in lower case (RFC 6454 section 6.1: the host is
+        # ASCII-lowercased; schemes are case-insensitive): compare that way.
+        self._allowed_origins = None if origins is None else frozenset(o.lower() for o in origins)
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -209,9 +214,10 @@ class DeskpushServer:
         """A plain HTTP answer, or None to open the WebSocket on an endpoint."""
         path = request.path.partition("?")[0]
         if path == "/agent":
-            return None
+            return self._refuse_origin(conn, request, path)
         if path == "/integrator":
-            return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
+            return (self._refuse_origin(conn, request, path) or refuse_bad_bearer(self.api_keys, request)
+                    or refuse_bad_resume_point(request))
         if path == "/stats":
             # Counts say how busy the server is and how many agents are on:
             # an integrator's business, not a passer-by's (/healthz shows none).
@@ -219,6 +225,36 @@ class DeskpushServer:
                 return unauthorized()
             return self.site.stats(self.statistics())
         return self.site.respond(path)
+
+    def _refuse_origin(self, conn: Connection, request: Request, path: str) -> Response | None:
+        """403 for a handshake from a page whose origin ``server.allowedOrigins`` does not list.
+
+        A browser always sends ``Origin`` on a WebSocket handshake (RFC 6455
+        section 4.1: "The request MUST include a header field with the name
+        |Origin| if the request is coming from a browser client"), and a page
+        cannot change it: so a key or token that leaked to a hostile page is
+        of no use from that page. A request without ``Origin`` is no browser's
+        and passes: a server-side integrator or the Python SDK, which could
+        send any Origin it liked anyway (section 10.2: "The intent is not to
+        prevent non-browsers from establishing connections but rather to
+        ensure that trusted browsers under the control of potentially
+        malicious JavaScript cannot fake a WebSocket handshake"). Section
+        4.2.2: "If the server does not wish to accept this connection, it
+        MUST return an appropriate HTTP error code (e.g., 403 Forbidden)".
+        """
+        allowed = self._allowed_origins
+        if allowed is None:
+            return None
+        origins = request.headers.get_all("Origin")
+        if not origins or (len(origins) == 1 and origins[0].lower() in allowed):
+            return None
+        shown = ", ".join(origins)
+        if len(shown) > 100:
+            shown = shown[:100] + "..."
+        # One line per refusal; the origin is the client's text: repr, and cut short.
+        log.warning("refused a handshake to %s from %s: Origin %r is not in server.allowedOrigins",
+                    path, conn.remote_address, shown)
+        return plain(HTTPStatus.FORBIDDEN, "Origin not allowed\n")
 
     def open(self, conn: Connection) -> Session:
         assert conn.request is not None and self._dispatcher is not None and self._clock is not None

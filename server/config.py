@@ -24,6 +24,12 @@ JWT_SECRET_ENV = "DESKPUSH_JWT_SECRET"
 API_KEY_ENV = "DESKPUSH_API_KEY"
 
 
+#: An origin as a browser serializes it in the Origin header (RFC 6454
+#: section 6.1): scheme "://" host, and ":" port when it is not the scheme's
+#: default; no path, not even "/".
+Origin = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s@]+$", max_length=256)]
+
+
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid."""
 
@@ -57,6 +63,9 @@ class ServerSection(_Section):
     # Where pending notifications are saved on shutdown and taken back on start,
     # so a restart or rolling deploy does not lose offers. None: memory only.
     state_file: str | None = None
+    # Origins whose pages may open /agent and /integrator (scheme://host[:port],
+    # as browsers send Origin). None: any origin. Requests without Origin pass.
+    allowed_origins: tuple[Origin, ...] | None = None
 
 
 class ApiKey(_Section):
