@@ -33,6 +33,7 @@ export const ERROR_MESSAGE = Object.freeze({
 export const MSDYN_NAME = Object.freeze({
   NOTIFY_EVENT: "NotifyEvent",
   CANCEL_EVENT: "CancelEvent",
+  LIST_TEMPLATES: "ListTemplates",
 });
 
 export const CLOSE_CODE = Object.freeze({

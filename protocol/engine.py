@@ -100,7 +100,7 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template, rendered_size_over
+from .templates import Renderer, Template, describe, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
@@ -699,6 +699,10 @@ class Engine:
         while history and history[0].outcome_id <= outcome_id:
             self._forget(key, history.popleft())
 
+    def template_infos(self) -> tuple[f.TemplateInfo, ...]:
+        """Every template a notifyEvent may name, as the ``templates`` frame lists them."""
+        return tuple(describe(t) for t in self.templates.values())
+
     def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
         out: list[Effect] = []
@@ -710,6 +714,8 @@ class Engine:
                 self._cancel(conn, frame, now, out)
             case f.Ack():
                 self._ack(self._integrators[conn], frame.outcome_id)
+            case f.ListTemplates():
+                out.append(Send((conn,), f.Templates(request_id=frame.request_id, templates=self.template_infos())))
             case f.IntegratorHello():
                 out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
                     message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,

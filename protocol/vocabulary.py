@@ -116,6 +116,8 @@ class MsdynName(enum.StrEnum):
 
     NOTIFY_EVENT = "NotifyEvent"
     CANCEL_EVENT = "CancelEvent"
+    #: deskpush's own call, not CIF's: the ``templates`` request.
+    LIST_TEMPLATES = "ListTemplates"
 
 
 class CloseCode(enum.IntEnum):

@@ -224,6 +224,11 @@ class DeskpushServer:
             if self.api_keys.check_bearer(request.headers.get("Authorization")) is None:
                 return unauthorized()
             return self.site.stats(self.statistics())
+        if path == "/templates":
+            # For scripts; a page asks with the `templates` frame on its WebSocket.
+            if self.api_keys.check_bearer(request.headers.get("Authorization")) is None:
+                return unauthorized()
+            return self.site.json({"templates": self.engine.template_infos()})
         return self.site.respond(path)
 
     def _refuse_origin(self, conn: Connection, request: Request, path: str) -> Response | None:

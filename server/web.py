@@ -1,4 +1,4 @@
-"""Plain HTTP on the WebSocket port: health, statistics, the demo's static files, and the headers they carry.
+"""Plain HTTP on the WebSocket port: health, statistics, templates, the static files, and the headers they carry.
 
 Every GET (or HEAD) that is not a WebSocket upgrade to an endpoint ends here,
 as one response and a closed connection (no keep-alive: browsers open these
@@ -127,6 +127,10 @@ class Site:
         """``GET /stats`` for an authenticated integrator: ``figures`` as JSON."""
         return response(HTTPStatus.OK, msgspec.json.encode(figures), "application/json",
                         [("Cache-Control", "no-store")])
+
+    def json(self, value: object) -> Response:
+        """``value`` as JSON, for an authenticated integrator (``GET /templates``), never cached."""
+        return response(HTTPStatus.OK, msgspec.json.encode(value), "application/json", [("Cache-Control", "no-store")])
 
     def _static(self, path: str) -> Response:
         name = "index.html" if path == "/" else path.removeprefix("/")
