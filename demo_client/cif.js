@@ -58,6 +58,10 @@
 // - cif.js never sends `ack`: a page stores no outcomes, and several pages
 //   may share one API key. The server's retention limits bound the history.
 //
+// Beyond CIF: Microsoft.CIFramework.deskpush.listTemplates() resolves with
+// the server's templates, [{name, title, icon, timeout, autoAccept,
+// parameters}] (the `templates` frame of docs/protocol.md).
+//
 // Events for addHandler (handlers are called synchronously, errors logged):
 //
 // - "onNotifyEventStatus": {requestId, notificationId, cancellationToken,
@@ -213,6 +217,9 @@ function onMessage(c, data) {
         state: frame.state,
         correlationId: pending.get(requestId)?.correlationId,
       });
+      break;
+    case "templates":
+      if (requestId !== undefined) settle(requestId, "resolve", Array.isArray(frame.templates) ? frame.templates : []);
       break;
     case "resumed":
       onResumed(c, frame);
@@ -436,6 +443,17 @@ function cancelEvent(cancellationToken, correlationId) {
 }
 
 /**
+ * deskpush's own call, not CIF's: the templates a notifyEvent may name on this
+ * server. Resolves with [{name, title, icon, timeout, autoAccept, parameters}]
+ * (parameters: the {slug}s its title and fields fill, i.e. the keys of
+ * templateParameters it uses); rejects like the CIF calls, with msdyn_name
+ * "ListTemplates". Needs configure({apiKey}) first, like them.
+ */
+function listTemplates() {
+  return request(MSDYN_NAME.LIST_TEMPLATES, { type: "templates" });
+}
+
+/**
  * Listen to deskpush events: "onNotifyEventStatus" and
  * "onConnectionStateChange" (see the top of this file for what they carry).
  * Resolves with true, like CIF's addHandler.
@@ -468,6 +486,8 @@ export const CIFramework = Object.freeze({
   addHandler,
   removeHandler,
   disconnect,
+  // What CIF does not have, under one name of its own.
+  deskpush: Object.freeze({ listTemplates }),
 });
 
 window.addEventListener("online", retryNow);

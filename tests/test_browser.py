@@ -667,7 +667,7 @@ async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushSer
     assert "apiKey" not in page.url
     await expect(page.get_by_label("Agent id")).to_have_value("agent-1")
     await page.get_by_label("Template", exact=True).select_option("msdyn_voicecall_incoming_unauthenticated")
-    await page.get_by_label("Parameter", exact=False).first.wait_for()
+    await expect(page.get_by_label("callerId", exact=True)).to_have_value("+44 20 7946 0321")
     send = page.get_by_role("button", name="Send offer")
 
     await send.click()
@@ -688,6 +688,44 @@ async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushSer
     await expect(row.locator(".state-chip")).to_have_text("Accept / Accept")
     await expect(row.get_by_role("button")).to_have_count(0)
     assert page.errors == [] and desktop.errors == []
+
+
+async def test_integrator_page_offers_the_servers_templates(browser: Any) -> None:
+    case = Template(name="crm_case_escalated", title="Case {caseNumber} escalated", icon="case",
+                    fields=(FieldTemplate(header="Customer", value="{customerName}"),
+                            FieldTemplate(header="Subject", value="{subject}")))
+    async with DeskpushServer(config_with(case), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await browser.new_page()
+        watch(page)
+        await page.goto(f"http://127.0.0.1:{srv.port}/integrator.html")
+        picker = page.get_by_label("Template", exact=True)
+        await expect(picker).to_be_disabled()  # no key, no list
+        await page.get_by_label("API key").fill("wrong")
+        await page.get_by_label("API key").dispatch_event("change")
+        await expect(picker.locator("option")).to_have_text(["API key rejected: no templates"])
+        await page.get_by_label("API key").fill(API_KEY)
+        await page.get_by_label("API key").dispatch_event("change")
+        # The server's list, the configured template included; no free text.
+        names = [t.name for t in srv.config.template_map().values()]
+        await expect(picker.locator("option")).to_have_text(names)
+        await picker.select_option("crm_case_escalated")
+        await expect(page.locator("#template-hint")).to_contain_text("Case {caseNumber} escalated")
+        # One input per parameter the template fills, in order.
+        await expect(page.locator(".param-key")).to_have_text(["caseNumber", "customerName", "subject"])
+        await expect(page.get_by_label("customerName", exact=True)).to_have_value("Jane Doe")
+        await page.get_by_label("caseNumber", exact=True).fill("42")
+        await page.get_by_label("subject", exact=True).fill("Refund")
+        await page.get_by_role("button", name="Send offer").click()
+        c = desktop.locator(".card")
+        await expect(c.locator(".card-title")).to_have_text("Case 42 escalated")
+        await expect(c.locator(".field-value")).to_have_text(["Jane Doe", "Refund"])
+        # cif.js's own call, beside CIF's API.
+        listed = await page.evaluate("Microsoft.CIFramework.deskpush.listTemplates()")
+        assert [t["name"] for t in listed] == names and listed[-1]["parameters"] == ["caseNumber", "customerName", "subject"]
+        assert set(await page.evaluate("Object.keys(Microsoft.CIFramework)")) == {
+            "configure", "notifyEvent", "cancelEvent", "addHandler", "removeHandler", "disconnect", "deskpush"}
+        assert page.errors == [] and desktop.errors == []
 
 
 # ---------------------------------------------------------------------------
