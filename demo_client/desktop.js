@@ -148,7 +148,7 @@ const state = {
   token: null,
   agentId: null,
   ws: null,
-  phase: "idle", // connecting | connected | reconnecting | rejected | signedout
+  phase: "idle", // connecting | connected | reconnecting | rejected | replaced | signedout
   attempt: 0,
   retryAt: 0,
   retryTimer: null,
@@ -241,6 +241,7 @@ function connect() {
     return;
   }
   showWorkspace();
+  $("replaced").hidden = true;
   setPhase("connecting", state.attempt ? "Reconnecting…" : "Connecting…");
   let sock;
   try {
@@ -292,7 +293,25 @@ function onClosed(ev) {
     showTokenForm("The server rejected this token (expired or invalid). Paste a new one to sign in.", true);
     return;
   }
+  if (ev.code === CLOSE_CODE.SESSION_REPLACED) {
+    // The agent opened more sessions than the server allows and this one was
+    // the oldest. Reconnecting on our own would close another of them, which
+    // would reconnect in turn: this tab waits until the agent picks it again.
+    for (const id of [...cards.keys()]) removeCard(id);
+    setQueued(0);
+    setPhase("replaced", "Replaced by a newer tab");
+    $("replaced").hidden = false;
+    renderEmpty();
+    announce("This tab was disconnected: the desktop is open in too many other tabs or devices.");
+    return;
+  }
   scheduleReconnect();
+}
+
+function useThisTab() {
+  // Connecting here closes the agent's oldest other session in turn.
+  state.attempt = 0;
+  connect();
 }
 
 function scheduleReconnect() {
@@ -338,6 +357,7 @@ function signOut() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
+  $("replaced").hidden = true;
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -615,7 +635,7 @@ function removeCard(id) {
 }
 
 function renderEmpty() {
-  $("empty").hidden = cards.size > 0;
+  $("empty").hidden = cards.size > 0 || state.phase === "replaced";
 }
 
 function formatRemaining(ms) {
@@ -854,6 +874,7 @@ const alerts = {
 function start() {
   alerts.init();
   $("retry-btn").addEventListener("click", retryNow);
+  $("use-here-btn").addEventListener("click", useThisTab);
   $("signout-btn").addEventListener("click", signOut);
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

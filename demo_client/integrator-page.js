@@ -2,7 +2,7 @@
 // integration would (Microsoft.CIFramework.notifyEvent / cancelEvent).
 
 import { CIFramework } from "./cif.js";
-import { OUTCOME } from "./vocabulary.js";
+import { ERROR_MESSAGE, OUTCOME } from "./vocabulary.js";
 
 const KEY_STORAGE = "deskpush.apiKey";
 const $ = (id) => document.getElementById(id);
@@ -92,7 +92,7 @@ async function loadTemplates() {
   } catch (err) {
     if (loadedFor !== apiKey) return; // another key meanwhile
     loadedFor = null;
-    pickerMessage(err.message === "UnauthorizedError" ? "API key rejected: no templates" : "Templates unavailable");
+    pickerMessage(err.message === ERROR_MESSAGE.UNAUTHORIZED ? "API key rejected: no templates" : "Templates unavailable");
     setMessage(`Could not load the templates: ${err.message}${err.details ? ` (${err.details})` : ""}`);
     return;
   }
