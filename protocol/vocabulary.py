@@ -43,6 +43,7 @@ __all__ = [
     "CLOSE_RATE_LIMITED",
     "CLOSE_KEEPALIVE_TIMEOUT",
     "CLOSE_INTERNAL_ERROR",
+    "CLOSE_SERVICE_RESTART",
     "CLOSINGS",
     "javascript_module",
 ]
@@ -129,6 +130,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # over the rate limit
     MESSAGE_TOO_BIG = 1009  # a frame over server.maxSize (websockets' reason)
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server is draining for a restart: reconnect now, with jitter
     UNAUTHORIZED = 4401  # hello missing, late or refused
 
 
@@ -143,6 +145,7 @@ CLOSE_UNAUTHORIZED = Closing(CloseCode.UNAUTHORIZED, "unauthorized")
 CLOSE_RATE_LIMITED = Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 CLOSE_KEEPALIVE_TIMEOUT = Closing(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 CLOSE_INTERNAL_ERROR = Closing(CloseCode.INTERNAL_ERROR, "internal error")
+CLOSE_SERVICE_RESTART = Closing(CloseCode.SERVICE_RESTART, "server restarting")
 
 #: Every close the server decides on, by the name the code uses for it.
 CLOSINGS: dict[str, Closing] = {
@@ -150,6 +153,7 @@ CLOSINGS: dict[str, Closing] = {
     "CLOSE_RATE_LIMITED": CLOSE_RATE_LIMITED,
     "CLOSE_KEEPALIVE_TIMEOUT": CLOSE_KEEPALIVE_TIMEOUT,
     "CLOSE_INTERNAL_ERROR": CLOSE_INTERNAL_ERROR,
+    "CLOSE_SERVICE_RESTART": CLOSE_SERVICE_RESTART,
 }
 
 
