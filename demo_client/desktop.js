@@ -153,7 +153,7 @@ const state = {
   token: null,
   agentId: null,
   ws: null,
-  phase: "idle", // connecting | connected | reconnecting | rejected | signedout
+  phase: "idle", // connecting | connected | reconnecting | rejected | replaced | signedout
   attempt: 0,
   retryAt: 0,
   restarting: false, // closed with 1012: until the next welcome, say why we reconnect
@@ -247,6 +247,7 @@ function connect() {
     return;
   }
   showWorkspace();
+  $("replaced").hidden = true;
   setPhase("connecting", state.restarting ? RESTARTING_TEXT : state.attempt ? "Reconnecting…" : "Connecting…");
   let sock;
   try {
@@ -306,7 +307,25 @@ function onClosed(ev) {
     scheduleReconnect(Math.random() * RESTART_JITTER_MS);
     return;
   }
+  if (ev.code === CLOSE_CODE.SESSION_REPLACED) {
+    // The agent opened more sessions than the server allows and this one was
+    // the oldest. Reconnecting on our own would close another of them, which
+    // would reconnect in turn: this tab waits until the agent picks it again.
+    for (const id of [...cards.keys()]) removeCard(id);
+    setQueued(0);
+    setPhase("replaced", "Replaced by a newer tab");
+    $("replaced").hidden = false;
+    renderEmpty();
+    announce("This tab was disconnected: the desktop is open in too many other tabs or devices.");
+    return;
+  }
   scheduleReconnect();
+}
+
+function useThisTab() {
+  // Connecting here closes the agent's oldest other session in turn.
+  state.attempt = 0;
+  connect();
 }
 
 function scheduleReconnect(delayMs) {
@@ -354,6 +373,7 @@ function signOut() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
+  $("replaced").hidden = true;
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -632,7 +652,7 @@ function removeCard(id) {
 }
 
 function renderEmpty() {
-  $("empty").hidden = cards.size > 0;
+  $("empty").hidden = cards.size > 0 || state.phase === "replaced";
 }
 
 function formatRemaining(ms) {
@@ -871,6 +891,7 @@ const alerts = {
 function start() {
   alerts.init();
   $("retry-btn").addEventListener("click", retryNow);
+  $("use-here-btn").addEventListener("click", useThisTab);
   $("signout-btn").addEventListener("click", signOut);
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

@@ -226,21 +226,34 @@ class PidFile:
 
 
 def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bool, generated_key: str | None) -> str:
-    """What ``deskpush serve`` prints once listening: where to connect, and with what."""
-    from .auth import AgentTokens
+    """What ``deskpush serve`` prints once listening: where to connect, and with what.
 
+    A working agent token only for a demo: when the demo page is on and the
+    secret was made for this run (so the token dies with it). A server with
+    a secret of its own is not a demo, and its start-up output ends up in
+    logs that more people read than should sign in as an agent.
+    """
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     http = f"http://{shown}:{port}"
     ws = f"ws://{shown}:{port}"
-    token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+    secret_env = config.auth.jwt_secret_env
     lines = [
         f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
         f"  health:            {http}/healthz",
     ]
-    if config.server.demo:
+    if config.server.demo and ephemeral:
+        ttl = config.token_ttl()
+        token = config.agent_tokens(secret).issue(agent, ttl=ttl)
         lines.append(f"  agent desktop:     {http}/#token={token}")
-    lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+        lines.append(f"  agent token:       {token}  ({agent}, valid {_duration(ttl)})")
+    elif config.server.demo:
+        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: deskpush token AGENT_ID)")
+    elif ephemeral:
+        lines.append(f"  agent tokens:      none can be issued: the secret lasts for this run only "
+                     f"(set {secret_env}, then: deskpush token AGENT_ID)")
+    else:
+        lines.append("  agent tokens:      deskpush token AGENT_ID  (with the same config and environment)")
     if generated_key:
         lines.append(f"  integrator key:    {generated_key}  (generated for this run; set {API_KEY_ENV} to fix one)")
         key_shown = generated_key
@@ -253,9 +266,15 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         f"  try:  deskpush notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
         f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
     )
-    if ephemeral:
-        lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
+    if ephemeral and config.server.demo:
+        lines.append(f"  (no {secret_env} set: tokens are signed with a secret that lasts for this run only)")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def _tune_gc() -> None:
@@ -271,8 +290,6 @@ def _tune_gc() -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .auth import AgentTokens
-
     config = _load(args.config)
     secret = config.jwt_secret()
     if secret is None:
@@ -282,7 +299,16 @@ def cmd_token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(AgentTokens(secret).issue(args.agent_id, ttl=args.ttl))
+    longest = config.auth.max_token_lifetime
+    if args.ttl is not None and longest is not None and args.ttl > longest:
+        print(f"deskpush token: --ttl {args.ttl:g} is longer than auth.maxTokenLifetime ({longest:g} s): "
+              "the server would refuse the token", file=sys.stderr)
+        return 2
+    if args.ttl is not None and args.ttl <= 0:
+        print("deskpush token: --ttl must be more than 0 seconds", file=sys.stderr)
+        return 2
+    ttl = config.token_ttl() if args.ttl is None else args.ttl
+    print(config.agent_tokens(secret).issue(args.agent_id, ttl=ttl))
     return 0
 
 
@@ -514,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("token", help="print an agent token")
     t.add_argument("agent_id")
     t.add_argument("--config", help="TOML config file (or DESKPUSH_CONFIG)")
-    t.add_argument("--ttl", type=float, default=12 * 3600, help="seconds the token is valid (default 12 h)")
+    t.add_argument("--ttl", type=float, default=None,
+                   help="seconds the token is valid (default 12 h, or auth.maxTokenLifetime if shorter)")
     t.set_defaults(func=cmd_token)
 
     n = sub.add_parser(

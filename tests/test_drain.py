@@ -22,7 +22,7 @@ from deskpush.protocol.templates import Template
 from deskpush.protocol.vocabulary import CloseCode
 from deskpush.server import Config, DeskpushServer
 from deskpush.server.app import DRAIN_BATCH_MIN, drain_schedule
-from deskpush.server.auth import ApiKeys
+from deskpush.server.auth import AgentTokens, ApiKeys
 from deskpush.server.config import ServerSection, needs_restart
 from deskpush.server.state import StateFile
 
@@ -30,6 +30,9 @@ from .conftest import API_KEY, SECRET, UNIT, open_agent, open_integrator, recv_j
 from .engine_helpers import BUILTINS, CHAT, Harness, sent_to
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Integrator keys of the reload tests (32 bytes or more, as the server asks).
+K1, K2, K3 = ("first-key-" + "1" * 30), ("second-key-" + "2" * 30), ("third-key-" + "3" * 30)
 
 
 async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -185,11 +188,14 @@ def test_a_displayed_offer_keeps_the_template_it_was_rendered_with():
 
 
 def test_api_keys_replace_checks_the_new_keys_only():
-    keys = ApiKeys({"crm": "k1"})
-    keys.replace({"crm": "k2", "routing": "k3"})
-    assert keys.check("k1") is None
-    assert keys.check("k2") == "crm" and keys.check_bearer("Bearer k3") == "routing"
+    keys = ApiKeys({"crm": K1})
+    keys.replace({"crm": K2, "routing": K3})
+    assert keys.check(K1) is None
+    assert keys.check(K2) == "crm" and keys.check_bearer(f"Bearer {K3}") == "routing"
     assert keys.names() == ["crm", "routing"]
+    with pytest.raises(ValueError, match="use at least 32"):
+        keys.replace({"crm": "short"})
+    assert keys.check(K2) == "crm"  # nothing replaced
 
 
 def test_needs_restart_names_what_a_reload_leaves():
@@ -206,12 +212,12 @@ async def test_reload_swaps_templates_and_keys_and_keeps_every_connection(server
     agent, _ = await open_agent(server, "agent-7")
     ig = await open_integrator(server)  # authenticated with API_KEY, which the reload removes
     new = Config(templates=(Template(name="added", title="Added {x}"),))
-    server.reload(new, {"crm": "another-key"})
+    server.reload(new, {"crm": K2})
 
     with pytest.raises(InvalidStatus) as refused:
         await open_integrator(server)
     assert refused.value.response.status_code == 401
-    ig2 = await open_integrator(server, "another-key")
+    ig2 = await open_integrator(server, K2)
     await send_json(ig2, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "progress": False,
                           "input": {"templateName": "added", "templateParameters": {"x": "1"}}})
     card = await recv_json(agent)
@@ -253,6 +259,9 @@ class Log:
                 await self._new.wait()
 
 
+TOKEN = AgentTokens(SECRET).issue("agent-1")
+
+
 def write_config(path, *, key: str, templates: str = "", drain: float = 10.0, extra: str = "") -> None:
     path.write_text(f"""
 {templates}
@@ -286,7 +295,7 @@ async def test_serve_drains_on_sigterm_saves_and_exits_0(tmp_path):
 
     conf = tmp_path / "deskpush.toml"
     window = 1.5 * UNIT
-    write_config(conf, key="k1", drain=window)
+    write_config(conf, key=K1, drain=window)
     proc, printed = await start_cli("--config", str(conf), env={"DESKPUSH_JWT_SECRET": SECRET})
     log = Log(proc.stderr)
     try:
@@ -295,10 +304,10 @@ async def test_serve_drains_on_sigterm_saves_and_exits_0(tmp_path):
         agents = []
         for _ in range(3 * DRAIN_BATCH_MIN):
             ws = await connect(f"ws://127.0.0.1:{port}/agent")
-            await send_json(ws, {"type": "hello", "token": printed["token"]})
+            await send_json(ws, {"type": "hello", "token": TOKEN})
             assert (await recv_json(ws))["type"] == "welcome"
             agents.append(ws)
-        ig = await connect(f"ws://127.0.0.1:{port}/integrator", additional_headers={"Authorization": "Bearer k1"})
+        ig = await connect(f"ws://127.0.0.1:{port}/integrator", additional_headers={"Authorization": f"Bearer {K1}"})
         await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-1", "progress": False,
                              "input": {"templateName": CHAT}})
         await recv_json(agents[0])  # displayed
@@ -328,23 +337,23 @@ async def test_sighup_and_deskpush_reload_take_new_templates_and_keys_and_refuse
 
     conf = tmp_path / "deskpush.toml"
     old_template = '[[templates]]\nname = "case"\ntitle = "Case {id}"\n'
-    write_config(conf, key="k1", templates=old_template)
+    write_config(conf, key=K1, templates=old_template)
     proc, printed = await start_cli("--config", str(conf), env={"DESKPUSH_JWT_SECRET": SECRET})
     log = Log(proc.stderr)
     try:
         port = printed["port"]
         url = f"ws://127.0.0.1:{port}"
         agent = await connect(f"{url}/agent")
-        await send_json(agent, {"type": "hello", "token": printed["token"]})
+        await send_json(agent, {"type": "hello", "token": TOKEN})
         await recv_json(agent)
-        ig = await connect(f"{url}/integrator", additional_headers={"Authorization": "Bearer k1"})
+        ig = await connect(f"{url}/integrator", additional_headers={"Authorization": f"Bearer {K1}"})
         await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-1", "progress": False,
                              "input": {"templateName": "case", "templateParameters": {"id": "7"}}})
         first = await recv_json(agent)
         assert first["title"] == "Case 7"
 
         # The template changes, one is added, and the key changes.
-        write_config(conf, key="k2", templates=old_template.replace("Case {id}", "Ticket {id}")
+        write_config(conf, key=K2, templates=old_template.replace("Case {id}", "Ticket {id}")
                      + '[[templates]]\nname = "added"\ntitle = "Added {id}"\n')
         code, out, err = await run_cli("reload", "--config", str(conf))
         assert code == 0, err
@@ -353,9 +362,9 @@ async def test_sighup_and_deskpush_reload_take_new_templates_and_keys_and_refuse
         assert "integrator keys crm" in line
 
         with pytest.raises(InvalidStatus) as refused:
-            await connect(f"{url}/integrator", additional_headers={"Authorization": "Bearer k1"})
+            await connect(f"{url}/integrator", additional_headers={"Authorization": f"Bearer {K1}"})
         assert refused.value.response.status_code == 401
-        ig2 = await connect(f"{url}/integrator", additional_headers={"Authorization": "Bearer k2"})
+        ig2 = await connect(f"{url}/integrator", additional_headers={"Authorization": f"Bearer {K2}"})
         await send_json(ig2, {"type": "notifyEvent", "requestId": "r2", "agentId": "agent-1", "progress": False,
                               "input": {"templateName": "added", "templateParameters": {"id": "8"}}})
         assert (await recv_json(agent))["title"] == "Added 8"
@@ -365,12 +374,12 @@ async def test_sighup_and_deskpush_reload_take_new_templates_and_keys_and_refuse
         assert (await recv_json(agent))["title"] == "Ticket 9"
         # The card shown before the reload keeps its template: a second tab gets it replayed as it was.
         tab = await connect(f"{url}/agent")
-        await send_json(tab, {"type": "hello", "token": printed["token"]})
+        await send_json(tab, {"type": "hello", "token": TOKEN})
         assert (await recv_json(tab))["type"] == "welcome"
         assert (await recv_json(tab))["title"] == "Case 7"
 
         # A bad file: refused with the line a start would print; the old config stays.
-        write_config(conf, key="k3", templates='[[templates]]\nname = "x"\ntitle = "X"\ntimeout = "soon"\n')
+        write_config(conf, key=K3, templates='[[templates]]\nname = "x"\ntitle = "X"\ntimeout = "soon"\n')
         code, out, err = await run_cli("reload", "--config", str(conf))
         assert code == 2 and not out
         start_line = err.strip()
@@ -382,7 +391,7 @@ async def test_sighup_and_deskpush_reload_take_new_templates_and_keys_and_refuse
         line = await log.wait_for("reload refused", after=mark)
         assert line.endswith(start_line.removeprefix("deskpush: ")), (line, start_line)
         assert not [ln for ln in log.lines[mark:] if "Traceback" in ln]
-        ig3 = await connect(f"{url}/integrator", additional_headers={"Authorization": "Bearer k2"})
+        ig3 = await connect(f"{url}/integrator", additional_headers={"Authorization": f"Bearer {K2}"})
         await send_json(ig3, {"type": "notifyEvent", "requestId": "r4", "agentId": "agent-1",
                               "input": {"templateName": "added", "templateParameters": {"id": "10"}}})
         assert (await recv_json(ig3))["state"] == "queued"  # the agent has three cards shown
