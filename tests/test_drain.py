@@ -302,9 +302,9 @@ async def test_serve_drains_on_sigterm_saves_and_exits_0(tmp_path):
         port = printed["port"]
         assert (tmp_path / "deskpush.pid").read_text() == f"{proc.pid}\n"
         agents = []
-        for _ in range(3 * DRAIN_BATCH_MIN):
+        for i in range(3 * DRAIN_BATCH_MIN):
             ws = await connect(f"ws://127.0.0.1:{port}/agent")
-            await send_json(ws, {"type": "hello", "token": TOKEN})
+            await send_json(ws, {"type": "hello", "token": AgentTokens(SECRET).issue(f"agent-{i + 1}")})
             assert (await recv_json(ws))["type"] == "welcome"
             agents.append(ws)
         ig = await connect(f"ws://127.0.0.1:{port}/integrator", additional_headers={"Authorization": f"Bearer {K1}"})
