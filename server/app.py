@@ -199,8 +199,8 @@ class DeskpushServer:
     async def drain(self, window: float | None = None) -> None:
         """Close every session with 1012 (service restart), spread over ``window`` seconds.
 
-        From the first moment ``ready`` is false (``/readyz`` answers 503) and
-        a new session is refused with 503, while plain HTTP is still answered,
+        From the first moment ``not_ready()`` says ``"draining"`` (``/readyz``
+        answers 503) and a new session is refused with 503, while plain HTTP is still answered,
         so a load balancer's probe sees the node going. The agent sessions
         open now are closed in random order in the batches of
         ``drain_schedule`` (default window: ``server.drainTimeout``); the
