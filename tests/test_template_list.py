@@ -94,3 +94,11 @@ async def test_http_templates_with_a_key() -> None:
         assert headers["Cache-Control"] == "no-store" and "Access-Control-Allow-Origin" not in headers
         listed = msgspec.json.decode(body)["templates"]
         assert listed[0] == CHAT_INFO and listed[-1] == CUSTOM_INFO and len(listed) == len(BUILTIN_TEMPLATES) + 1
+
+
+async def test_the_list_follows_a_reload(server: DeskpushServer) -> None:
+    ig = await open_integrator(server)
+    server.engine.replace_templates({CUSTOM.name: CUSTOM})  # what a reload (SIGHUP) does
+    await send_json(ig, {"type": "templates", "requestId": "t3"})
+    assert (await recv_json(ig))["templates"] == [CUSTOM_INFO]
+    await ig.close()
