@@ -109,7 +109,7 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template, rendered_size_over
+from .templates import Renderer, Template, describe, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
@@ -513,6 +513,18 @@ class Engine:
         #: Notifications made from a notifyEvent (those refused at once by a full queue too).
         self.offers = 0
 
+    def replace_templates(self, templates: Mapping[str, Template]) -> None:
+        """Use ``templates`` from now on (a reload of the configuration).
+
+        Only notifyEvents after this call see the change: every pending
+        notification holds the ``Template`` it was created with, and its card
+        was rendered then, so a displayed or queued offer looks and times out
+        as it did (a template removed or changed in the meantime included).
+        """
+        renderers = {name: Renderer(t) for name, t in templates.items()}
+        self.templates = dict(templates)
+        self._renderers = renderers
+
     # ------------------------------------------------------------------
     # Queries
 
@@ -745,6 +757,10 @@ class Engine:
         while history and history[0].outcome_id <= outcome_id:
             self._forget(key, history.popleft())
 
+    def template_infos(self) -> tuple[f.TemplateInfo, ...]:
+        """Every template a notifyEvent may name, as the ``templates`` frame lists them."""
+        return tuple(describe(t) for t in self.templates.values())
+
     def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
         out: list[Effect] = []
@@ -756,6 +772,8 @@ class Engine:
                 self._cancel(conn, frame, now, out)
             case f.Ack():
                 self._ack(self._integrators[conn], frame.outcome_id)
+            case f.ListTemplates():
+                out.append(Send((conn,), f.Templates(request_id=frame.request_id, templates=self.template_infos())))
             case f.IntegratorHello():
                 out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
                     message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,

@@ -20,10 +20,16 @@ from msgspec import Meta
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
 from .auth import MIN_SECRET_BYTES, AgentTokens, Network
 
-__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
+__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default", "needs_restart"]
 
 JWT_SECRET_ENV = "DESKPUSH_JWT_SECRET"
 API_KEY_ENV = "DESKPUSH_API_KEY"
+
+
+#: An origin as a browser serializes it in the Origin header (RFC 6454
+#: section 6.1): scheme "://" host, and ":" port when it is not the scheme's
+#: default; no path, not even "/".
+Origin = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s@]+$", max_length=256)]
 
 
 class ConfigError(Exception):
@@ -66,6 +72,14 @@ class ServerSection(_Section):
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the
     # client, for the failed-authentication throttle. Empty: the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
+    # Seconds over which SIGTERM spreads the closes (1012) of the sessions, so
+    # desktops reconnect elsewhere a batch at a time instead of all at once.
+    drain_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    # Where ``deskpush serve`` writes its process id, for ``deskpush reload``. None: nowhere.
+    pid_file: str | None = None
+    # Origins whose pages may open /agent and /integrator (scheme://host[:port],
+    # as browsers send Origin). None: any origin. Requests without Origin pass.
+    allowed_origins: tuple[Origin, ...] | None = None
     # Count for Prometheus and serve GET /metrics (with an integrator key). false: neither.
     metrics: bool = True
     # A port of its own for GET /metrics, without a key, on metricsHost. None: none.
@@ -214,3 +228,26 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 def ephemeral_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+#: What a reload (SIGHUP, ``deskpush reload``) takes from the file; everything else waits for a restart.
+RELOADED = ("templates", "builtinTemplates", "auth.integratorKeys")
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys (``section.key``, camelCase) whose value differs between ``old`` and ``new`` and that a reload leaves.
+
+    A reload takes ``RELOADED`` only: the listener's settings, the limits
+    the engine was made with and the token secret live as long as the process.
+    """
+    changed = []
+    for section in msgspec.structs.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if isinstance(before, msgspec.Struct):
+            for fi in msgspec.structs.fields(before):
+                key = f"{section.encode_name}.{fi.encode_name}"
+                if key not in RELOADED and getattr(before, fi.name) != getattr(after, fi.name):
+                    changed.append(key)
+        elif section.encode_name not in RELOADED and before != after:
+            changed.append(section.encode_name)
+    return changed

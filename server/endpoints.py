@@ -353,6 +353,8 @@ def integrator_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.IntegratorE
             request_id = rid
         if obj.get("type") == "cancelEvent":
             name = MsdynName.CANCEL_EVENT
+        elif obj.get("type") == "templates":
+            name = MsdynName.LIST_TEMPLATES
     return f.IntegratorError(
         request_id=request_id,
         error=f.ErrorBody(message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=name, details=_decode_error(exc)),
