@@ -100,7 +100,7 @@ async def test_serve_log_format_json_writes_one_object_per_line_with_the_outcome
         # Every line is JSON, the start and the shutdown too.
         messages = [line["message"] for line in lines]
         assert any(m.startswith("open files limit ") for m in messages)
-        assert "received SIGTERM, shutting down" in messages and messages[-1] == "stopped"
+        assert any(m.startswith("received SIGTERM") for m in messages) and messages[-1] == "stopped"
         (outcome,) = [line for line in lines if line["logger"] == "deskpush.outcome"]
         assert outcome["level"] == "INFO" and outcome["message"] == "outcome"
         assert {k: outcome[k] for k in ("notificationId", "agentId", "correlationId", "actionName",
