@@ -70,7 +70,9 @@ _FRAME_LABELS: dict[type, tuple[str, str]] = {
 }
 
 
-#: The error frames, counted by code too.
+#: The error frames: not keys of ``Counts.sent``, so the dispatcher's one
+#: dictionary update per frame raises for them, and ``Counts.error`` counts
+#: them by code (and as sent).
 ERROR_FRAMES = frozenset({f.AgentError, f.IntegratorError})
 
 
@@ -118,7 +120,8 @@ class Counts:
 
     def __init__(self) -> None:
         self.endpoints = {name: EndpointCounts() for name in ENDPOINTS}
-        self.sent: dict[type, int] = dict.fromkeys(_FRAME_LABELS, 0)  # frames queued to send, by frame type
+        # Frames queued to send, by frame type; the error frames are in ``errors``.
+        self.sent: dict[type, int] = dict.fromkeys(_FRAME_LABELS.keys() - ERROR_FRAMES, 0)
         self.errors: dict[tuple[str, str], int] = {}  # (endpoint, code)
         # (actionName, responseReason): the engine's outcomes are known, any other gets one when it comes.
         self.durations: dict[tuple[str, str], Histogram] = {o: Histogram(OFFER_BUCKETS) for o in OUTCOMES.values()}
@@ -129,10 +132,10 @@ class Counts:
 
     # The dispatcher's, per frame sent and per outcome ------------------
 
-    def error(self, frame: f.AgentError | f.IntegratorError) -> None:
-        """An error frame is being sent."""
+    def error(self, frame: f.AgentError | f.IntegratorError, targets: int = 1) -> None:
+        """An error frame is being sent (to ``targets`` connections, always 1 today)."""
         key = ("agent", str(frame.code)) if type(frame) is f.AgentError else ("integrator", str(frame.error.message))
-        self.errors[key] = self.errors.get(key, 0) + 1
+        self.errors[key] = self.errors.get(key, 0) + targets
 
     def ended(self, e: Ended) -> None:
         """An outcome: counted, and its offer's duration observed (``Histogram.observe``, inlined)."""
@@ -278,8 +281,12 @@ class Collector:
         yield received
         sent = CounterMetricFamily("deskpush_frames_sent", "Frames sent (queued for writing), by endpoint and type",
                                    labels=["endpoint", "type"])
-        for cls, n in c.sent.items():
-            sent.add_metric(list(_FRAME_LABELS[cls]), n)
+        errors_by_endpoint = dict.fromkeys(ENDPOINTS, 0)
+        for (endpoint, _), n in c.errors.items():
+            errors_by_endpoint[endpoint] += n
+        for cls, labels in _FRAME_LABELS.items():
+            n = c.sent[cls] if cls in c.sent else errors_by_endpoint[labels[0]]
+            sent.add_metric(list(labels), n)
         yield sent
         errors = CounterMetricFamily(
             "deskpush_errors", "Error frames sent, by endpoint and code (agent: code; integrator: error.message)",

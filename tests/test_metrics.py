@@ -164,6 +164,8 @@ async def test_what_a_dashboard_shows_after_offers_outcomes_errors_and_closes():
     assert value(m, "deskpush_frames_sent_total", endpoint="agent", type="notification") == 3
     assert value(m, "deskpush_frames_sent_total", endpoint="integrator", type="result") == 5  # 4 offers and a cancel
     assert value(m, "deskpush_frames_sent_total", endpoint="agent", type="welcome") == 5
+    assert value(m, "deskpush_frames_sent_total", endpoint="agent", type="error") == 1
+    assert value(m, "deskpush_frames_sent_total", endpoint="integrator", type="error") == 1
     assert value(m, "deskpush_frames_received_total", endpoint="integrator") == 6  # 5 notifyEvents and a cancelEvent
     # hello and respond and "{" from agent-7, hello and 250 pings from the flood, ... : at least these
     assert value(m, "deskpush_frames_received_total", endpoint="agent") >= 3 + 201
