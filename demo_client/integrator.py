@@ -794,7 +794,8 @@ class Integrator:
         if path.endswith("/agent"):
             # The agent endpoint takes the upgrade and then waits for an agent's
             # hello: without this, the mistake would show as a timeout.
-            fixed = urllib.parse.urlunsplit(urllib.parse.urlsplit(self.url)._replace(path=path[:-6] + "/integrator"))
+            scheme, netloc, _, query, _ = urllib.parse.urlsplit(self.url)
+            fixed = urllib.parse.urlunsplit((scheme, netloc, path[:-6] + "/integrator", query, ""))
             raise IntegratorConnectionError(
                 f"{self.url} is the agent endpoint (for desktops), not the integrator endpoint: use {fixed}")
         try:
