@@ -40,7 +40,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SECRET = "bench-secret-" + secrets.token_hex(16)
-API_KEY = "bench-key-" + secrets.token_hex(8)
+API_KEY = "bench-key-" + secrets.token_hex(16)  # keys are 32 bytes or more
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------------------

@@ -148,7 +148,7 @@ const state = {
   token: null,
   agentId: null,
   ws: null,
-  phase: "idle", // connecting | connected | reconnecting | rejected | signedout
+  phase: "idle", // connecting | connected | reconnecting | rejected | replaced | signedout
   attempt: 0,
   retryAt: 0,
   retryTimer: null,
@@ -242,6 +242,7 @@ function connect() {
     return;
   }
   showWorkspace();
+  $("replaced").hidden = true;
   setPhase("connecting", state.attempt ? "Reconnecting…" : "Connecting…");
   let sock;
   try {
@@ -293,7 +294,25 @@ function onClosed(ev) {
     showTokenForm("The server rejected this token (expired or invalid). Paste a new one to sign in.", true);
     return;
   }
+  if (ev.code === CLOSE_CODE.SESSION_REPLACED) {
+    // The agent opened more sessions than the server allows and this one was
+    // the oldest. Reconnecting on our own would close another of them, which
+    // would reconnect in turn: this tab waits until the agent picks it again.
+    for (const id of [...cards.keys()]) removeCard(id);
+    setQueued(0);
+    setPhase("replaced", "Replaced by a newer tab");
+    $("replaced").hidden = false;
+    renderEmpty();
+    announce("This tab was disconnected: the desktop is open in too many other tabs or devices.");
+    return;
+  }
   scheduleReconnect();
+}
+
+function useThisTab() {
+  // Connecting here closes the agent's oldest other session in turn.
+  state.attempt = 0;
+  connect();
 }
 
 function scheduleReconnect() {
@@ -339,6 +358,7 @@ function signOut() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
+  $("replaced").hidden = true;
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -627,7 +647,7 @@ const EMPTY_TEXT = {
 
 function renderEmpty() {
   const empty = $("empty");
-  empty.hidden = cards.size > 0;
+  empty.hidden = cards.size > 0 || state.phase === "replaced";
   const phase = state.phase === "connecting" && state.attempt ? "reconnecting" : state.phase;
   const [title, text] = EMPTY_TEXT[phase] || EMPTY_TEXT.connecting;
   empty.dataset.state = phase;
@@ -871,6 +891,7 @@ const alerts = {
 function start() {
   alerts.init();
   $("retry-btn").addEventListener("click", retryNow);
+  $("use-here-btn").addEventListener("click", useThisTab);
   $("signout-btn").addEventListener("click", signOut);
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

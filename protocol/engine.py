@@ -7,8 +7,9 @@ Theory of operation
 -------------------
 The engine does no I/O and reads no clock: every call takes ``now`` (epoch
 milliseconds, supplied by the caller) and returns a list of *effects*:
-``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
-logging and metrics). Each call makes its own list and hands it to the helpers
+``Send`` (a frame for some connections), ``Ended`` (one per outcome, for
+logging and metrics) and ``Close`` (connections the engine no longer counts
+as sessions, to be closed with a code and reason). Each call makes its own list and hands it to the helpers
 that add to it, so what a call returns is exactly what it did. Connections are
 opaque hashable handles chosen by the caller. ``next_deadline()`` says when
 ``handle_timer(now)`` must next be called.
@@ -39,6 +40,14 @@ display deadline               DISPLAYED                               Timeout/D
 cancelEvent                    QUEUED, DISPLAYED                       Cancel/CancelledByIntegrator
 presence grace expires         QUEUED, DISPLAYED                       Reject/AgentDisconnected
 =============================  ======================================  ================
+
+An agent has at most ``sessions_per_agent`` sessions. A new session beyond
+that closes the agent's oldest one (``Close`` with 4409): the tab or device
+the agent just opened is the one they want to work in, and the oldest is the
+likeliest to be forgotten or dead (a laptop asleep whose TCP connection has
+not timed out yet). Refusing the newest instead would let stale sessions, or
+a stolen token's, lock the agent out; closing the oldest means that a stolen
+token can push the agent's own sessions out, which the agent sees happen.
 
 Per agent at most ``display_limit`` notifications are displayed; the rest wait
 in a FIFO queue of at most ``queue_limit``. When a displayed one ends, the head
@@ -107,11 +116,13 @@ from .vocabulary import (
     AGENT_DISCONNECTED,
     AUTO_ACCEPTED,
     CANCELLED,
+    CLOSE_SESSION_REPLACED,
     DECLINED,
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
     AgentErrorCode,
+    Closing,
     ErrorMessage,
     MsdynName,
     Outcome,
@@ -123,6 +134,7 @@ __all__ = [
     "Outcome",
     "Send",
     "Ended",
+    "Close",
     "Effect",
     "State",
     "ACCEPTED",
@@ -170,7 +182,18 @@ class Ended(msgspec.Struct, frozen=True, gc=False):
     delivered: bool
 
 
-Effect = Send | Ended
+class Close(msgspec.Struct, frozen=True, gc=False):
+    """Close each connection in ``targets`` with ``closing``'s code and reason.
+
+    The engine has already let go of them: no frame is sent to them after
+    this, and their ``agent_disconnected`` is a no-op.
+    """
+
+    targets: tuple[Conn, ...]
+    closing: Closing
+
+
+Effect = Send | Ended | Close
 
 
 class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -184,6 +207,7 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     outcome_history: Annotated[int, Meta(ge=0)] = 100_000
     outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
+    sessions_per_agent: Annotated[int, Meta(ge=1, le=100_000)] = 10
     #: Bytes of a notification's rendered title and fields, as JSON; a bigger one is refused.
     max_notification_bytes: Annotated[int, Meta(ge=1)] = 16 * 1024
 
@@ -544,12 +568,24 @@ class Engine:
     # Agent events
 
     def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
-        """A session authenticated as ``agent_id``: welcome it and replay."""
+        """A session authenticated as ``agent_id``: welcome it and replay.
+
+        If the agent already has ``sessions_per_agent`` sessions, its oldest
+        is closed first (see the module docstring).
+        """
         out: list[Effect] = []
         self._run_due(now, None, out)
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
+        sessions = agent.sessions
+        over = len(sessions) + 1 - self.limits.sessions_per_agent
+        if over > 0:
+            oldest = tuple(itertools.islice(sessions, over))  # dicts keep the order sessions came in
+            for old in oldest:
+                del sessions[old]
+                del self._sessions[old]
+            out.append(Close(oldest, CLOSE_SESSION_REPLACED))
         agent.sessions[conn] = session_id
         agent.targets = tuple(agent.sessions)
         agent.grace_deadline = None

@@ -13,21 +13,37 @@
 
 It routes each handshake: an upgrade to ``/agent`` or ``/integrator`` opens a
 session there, anything else is plain HTTP for the site.
+
+It also bounds what a connection that has not proved who it is can hold:
+``server.helloTimeout`` from the TCP accept to authentication (the handshake
+and the hello together), and at most ``server.maxPendingHandshakes`` such
+connections; an upgrade past that is answered 503 and closed.
+
+And it throttles guessing of integrator keys: an address (``auth.source_address``)
+with ``auth.failedAuthLimit`` failures in ``auth.failedAuthWindow`` seconds is
+refused that long, with 429 on the upgrade (Bearer) or 4429 at the hello,
+before its key is looked at. Agent tokens are not throttled: a JWT signed
+with a secret of 32 bytes or more cannot be guessed online, and desktops
+behind one contact centre's NAT share an address, so a few with expired
+tokens would lock out every agent there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+from collections.abc import Sequence
+from http import HTTPStatus
 
 from websockets.http11 import Request, Response
 
 from ..protocol import Engine
 from ..protocol.vocabulary import CloseCode
 from . import logs
-from .auth import AgentTokens, ApiKeys
-from .clock import LoopClock
+from .auth import ApiKeys, FailureThrottle, Network, source_address
+from .clock import Clock, LoopClock
 from .config import Config
 from .connection import Connection, ConnectionOptions
 from .dispatch import Dispatcher
@@ -41,7 +57,7 @@ from .endpoints import (
 )
 from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
 from .state import StateFile, StateFileError
-from .web import SECURITY_HEADERS, Site, unauthorized
+from .web import SECURITY_HEADERS, Site, plain, unauthorized
 
 __all__ = ["DeskpushServer"]
 
@@ -58,15 +74,23 @@ class DeskpushServer:
 
     def __init__(self, config: Config, *, jwt_secret: str | None = None, api_keys: dict[str, str] | None = None) -> None:
         self.config = config
-        self.tokens = AgentTokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
+        self.tokens = config.agent_tokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
         self.engine = Engine(config.template_map(), config.limits)
         self.site = Site(demo=config.server.demo)
+        self.auth_failures = FailureThrottle(config.auth.failed_auth_limit, config.auth.failed_auth_window)
+        self._trusted = config.trusted_networks()
         self.state_file = StateFile(config.server.state_file) if config.server.state_file else None
         self.port = 0
         self._listener: Listener | None = None
         self._accepts = AcceptCounts()
         self._connections: set[Connection] = set()
+        # Connections accepted and neither authenticated nor answered with plain
+        # HTTP yet, with when each was accepted (epoch ms): where helloTimeout starts.
+        self._pending: dict[Connection, float] = {}
+        self._guard: _Guard | None = None
+        self._busy: _EverySecond | None = None
+        self._busy_refusals = 0  # upgrades answered 503 since start
         self._endpoints: dict[str, Endpoint] = {}
         self._dispatcher: Dispatcher | None = None
         self._clock: LoopClock | None = None
@@ -93,11 +117,14 @@ class DeskpushServer:
             snapshot = self.state_file.load()
         self._clock = clock = LoopClock(loop)
         self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log))
+        self._guard = guard = _Guard(self.auth_failures, self._trusted, clock, self.config.auth.failed_auth_limit)
+        self._busy = _EverySecond(clock)
         self._endpoints = {
             "/agent": agent_endpoint(self.engine, self.tokens, rate=s.agent_rate, burst=s.agent_burst,
                                      hello_timeout=s.hello_timeout),
             "/integrator": integrator_endpoint(self.engine, self.api_keys, rate=s.integrator_rate,
-                                               burst=s.integrator_burst, hello_timeout=s.hello_timeout),
+                                               burst=s.integrator_burst, hello_timeout=s.hello_timeout,
+                                               guard=guard),
         }
         options = ConnectionOptions(
             max_size=s.max_size,
@@ -184,12 +211,20 @@ class DeskpushServer:
             "refusedOutOfFds": self._accepts.refused_out_of_fds,
             "acceptPauses": self._accepts.accept_pauses,
             "openFilesLimit": open_files_limit(),
+            "pendingHandshakes": len(self._pending),
+            "refusedPendingHandshakes": self._busy_refusals,
+            "refusedAuthThrottled": self._guard.refusals if self._guard is not None else 0,
         }
 
     @property
     def connections(self) -> frozenset[Connection]:
         """Every client connection now open, in its handshake or closing."""
         return frozenset(self._connections)
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Connections accepted and not authenticated yet (``server.maxPendingHandshakes`` bounds them)."""
+        return len(self._pending)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -201,32 +236,143 @@ class DeskpushServer:
     # connection.Handler
 
     def _connection(self, options: ConnectionOptions, loop: asyncio.AbstractEventLoop) -> Connection:
+        assert self._clock is not None
         conn = Connection(self, options, loop)
         self._connections.add(conn)
+        self._pending[conn] = self._clock.now()
         return conn
 
     def respond(self, conn: Connection, request: Request) -> Response | None:
         """A plain HTTP answer, or None to open the WebSocket on an endpoint."""
         path = request.path.partition("?")[0]
-        if path == "/agent":
-            return None
-        if path == "/integrator":
-            return refuse_bad_bearer(self.api_keys, request) or refuse_bad_resume_point(request)
+        endpoint = path == "/agent" or path == "/integrator"
+        if not endpoint:
+            # Plain HTTP needs no authentication: it is answered and closes.
+            self._pending.pop(conn, None)
+        response = self._answer(conn, path, endpoint, request)
+        if response is not None:
+            self._pending.pop(conn, None)  # refused: it closes
+        return response
+
+    def _answer(self, conn: Connection, path: str, endpoint: bool, request: Request) -> Response | None:
+        if endpoint:
+            if len(self._pending) > self.config.server.max_pending_handshakes:
+                return self._too_busy()
+            if path == "/agent":
+                return None
+            return self._check_bearer(conn, request) or refuse_bad_resume_point(request)
         if path == "/stats":
             # Counts say how busy the server is and how many agents are on:
             # an integrator's business, not a passer-by's (/healthz shows none).
-            if self.api_keys.check_bearer(request.headers.get("Authorization")) is None:
+            if request.headers.get("Authorization") is None:
                 return unauthorized()
-            return self.site.stats(self.statistics())
+            return self._check_bearer(conn, request) or self.site.stats(self.statistics())
         return self.site.respond(path)
+
+    def _check_bearer(self, conn: Connection, request: Request) -> Response | None:
+        """None for a request with a right ``Authorization`` header, or none; else the refusal.
+
+        429 while the connection's address is refused (the key is not looked
+        at), 401 for a wrong key, which counts as a failure of the address.
+        """
+        if request.headers.get("Authorization") is None:
+            return None
+        assert self._guard is not None
+        wait = self._guard.refused_for(conn)
+        if wait > 0:
+            return _too_many_failures(wait)
+        refusal = refuse_bad_bearer(self.api_keys, request)
+        if refusal is not None:
+            self._guard.failed(conn)
+        return refusal
+
+    def _too_busy(self) -> Response:
+        """503 for an upgrade while ``server.maxPendingHandshakes`` connections wait to authenticate.
+
+        RFC 9110 section 15.6.4: 503 "indicates that the server is currently
+        unable to handle the request due to a temporary overload [...]. The
+        server MAY send a Retry-After header field".
+        """
+        assert self._busy is not None
+        self._busy_refusals += 1
+        self._busy.add("answered %d WebSocket upgrade(s) with 503: %d connections are waiting to authenticate "
+                       "(server.maxPendingHandshakes = %d)", len(self._pending),
+                       self.config.server.max_pending_handshakes)
+        return plain(HTTPStatus.SERVICE_UNAVAILABLE,
+                     "too many connections are waiting to authenticate; retry later\n", [("Retry-After", "1")])
 
     def open(self, conn: Connection) -> Session:
         assert conn.request is not None and self._dispatcher is not None and self._clock is not None
         endpoint = self._endpoints[conn.request.path.partition("?")[0]]
-        return Session(conn, endpoint, self._dispatcher, self._clock)
+        return Session(conn, endpoint, self._dispatcher, self._clock, accepted_at=self._pending.get(conn),
+                       on_authenticated=self._authenticated)
+
+    def _authenticated(self, conn: Connection) -> None:
+        self._pending.pop(conn, None)
 
     def closed(self, conn: Connection) -> None:
+        self._pending.pop(conn, None)
         self._connections.discard(conn)
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
 
+
+def _too_many_failures(wait: float) -> Response:
+    """429 for an upgrade with an ``Authorization`` header from an address refused for ``wait`` seconds.
+
+    RFC 6585 section 4: 429 "indicates that the user has sent too many
+    requests in a given amount of time [...] and MAY include a Retry-After
+    header indicating how long to wait before making a new request."
+    """
+    return plain(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications from this address; retry later\n",
+                 [("Retry-After", str(math.ceil(wait)))])
+
+
+class _Guard:
+    """``endpoints.Guard`` and the Bearer path's check: the throttle, by each connection's source address."""
+
+    def __init__(self, throttle: FailureThrottle, trusted: Sequence[Network], clock: Clock, limit: int) -> None:
+        self.throttle = throttle
+        self.trusted = trusted
+        self.clock = clock
+        self.limit = limit
+        self.refusals = 0  # attempts refused unchecked since start (429 and 4429)
+        self._refusing = _EverySecond(clock)
+
+    def source(self, conn: Connection) -> str:
+        peer = str(conn.remote_address[0]) if conn.remote_address else ""
+        forwarded = None
+        if self.trusted and conn.request is not None:
+            forwarded = ",".join(conn.request.headers.get_all("X-Forwarded-For")) or None
+        return source_address(peer, forwarded, self.trusted)
+
+    def refused_for(self, conn: Connection) -> float:
+        """Seconds ``conn``'s address must wait: more than 0, and the caller refuses it (counted here)."""
+        wait = self.throttle.refused_for(self.source(conn), self.clock.now() / 1000.0)
+        if wait > 0:
+            self.refusals += 1
+        return wait
+
+    def failed(self, conn: Connection) -> None:
+        source = self.source(conn)
+        if self.throttle.failed(source, self.clock.now() / 1000.0):
+            self._refusing.add("%d address(es) refused for %g s after %d failed integrator authentications "
+                               "(auth.failedAuthLimit), the latest %s", self.throttle.window, self.limit, source)
+
+
+class _EverySecond:
+    """A warning about something that may come in floods: one line a second at most, saying how many."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.count = 0  # since the last line
+        self.logged = float("-inf")
+
+    def add(self, message: str, *args: object) -> None:
+        """Count one; log ``message % (count, *args)`` unless a line went out less than a second ago."""
+        self.count += 1
+        now = self.clock.now()
+        if now - self.logged >= 1000.0:
+            log.warning(message, self.count, *args)
+            self.count = 0
+            self.logged = now

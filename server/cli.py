@@ -24,7 +24,6 @@ import signal
 import stat
 import sys
 import typing
-import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -42,6 +41,7 @@ from ..client import (
 )
 from ..protocol.frames import Id
 from . import __version__, logs
+from .auth import MIN_SECRET_BYTES
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
 
 __all__ = ["main"]
@@ -69,7 +69,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dev = _dev_secrets(args.dev_secrets) if args.dev_secrets and not (secret and keys) else {}
     generated_key = None if keys else dev.get(API_KEY_ENV) or ephemeral_secret()
     generated_secret = None if secret else dev.get(JWT_SECRET_ENV) or ephemeral_secret()
-    _quiet_short_secret_warning(secret)
     handler = logs.setup(args.log_level)
     try:
         _run(functools.partial(_serve, config, secret or generated_secret, keys or {"default": generated_key},
@@ -127,25 +126,37 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
             kept_in: str | None = None) -> str:
     """What ``deskpush serve`` prints once listening: where to connect, and with what.
 
-    ``ephemeral``: the secret was generated, not configured. ``kept_in``: the
-    generated secret and key come from that development file (``--dev-secrets``),
-    so they outlive this run. The ``try:`` line names the command as this
-    process was started, so it runs as pasted in the same shell and folder.
-    """
-    from .auth import AgentTokens
+    ``ephemeral``: the secret was generated, not configured: for this run, or
+    kept in ``kept_in`` (``--dev-secrets``, a development convenience, so a
+    demo all the same). The ``try:`` line names the command as this process
+    was started, so it runs as pasted in the same shell and folder.
 
+    A working agent token only for a demo: when the demo page is on and the
+    secret was made for this run (so the token dies with it). A server with
+    a secret of its own is not a demo, and its start-up output ends up in
+    logs that more people read than should sign in as an agent.
+    """
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     http = f"http://{shown}:{port}"
     ws = f"ws://{shown}:{port}"
-    token = AgentTokens(secret).issue(agent, ttl=12 * 3600)
+    secret_env = config.auth.jwt_secret_env
     lines = [
         f"deskpush {__version__} listening on {ws}  (agents: {ws}/agent, integrators: {ws}/integrator)",
         f"  health:            {http}/healthz",
     ]
-    if config.server.demo:
+    if config.server.demo and ephemeral:
+        ttl = config.token_ttl()
+        token = config.agent_tokens(secret).issue(agent, ttl=ttl)
         lines.append(f"  agent desktop:     {http}/#token={token}")
-    lines.append(f"  agent token:       {token}  ({agent}, valid 12 h)")
+        lines.append(f"  agent token:       {token}  ({agent}, valid {_duration(ttl)})")
+    elif config.server.demo:
+        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: deskpush token AGENT_ID)")
+    elif ephemeral:
+        lines.append(f"  agent tokens:      none can be issued: the secret lasts for this run only "
+                     f"(set {secret_env}, then: deskpush token AGENT_ID)")
+    else:
+        lines.append("  agent tokens:      deskpush token AGENT_ID  (with the same config and environment)")
     if generated_key and kept_in:
         lines.append(f"  integrator key:    {generated_key}  (development key kept in {kept_in}; set {API_KEY_ENV} to fix one)")
         key_shown = generated_key
@@ -161,11 +172,17 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         f"  try:  {_command_name()} notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
         f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
     )
-    if ephemeral and kept_in:
-        lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a development secret kept in {kept_in})")
-    elif ephemeral:
-        lines.append(f"  (no {JWT_SECRET_ENV} set: tokens are signed with a secret that lasts for this run only)")
+    if ephemeral and config.server.demo and kept_in:
+        lines.append(f"  (no {secret_env} set: tokens are signed with a development secret kept in {kept_in})")
+    elif ephemeral and config.server.demo:
+        lines.append(f"  (no {secret_env} set: tokens are signed with a secret that lasts for this run only)")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 def _command_name() -> str:
@@ -227,24 +244,11 @@ def _dev_secrets(path: str) -> dict[str, str]:
         name, sep, value = line.partition("=")
         if sep and name.strip() in (JWT_SECRET_ENV, API_KEY_ENV) and value.strip():
             values[name.strip()] = value.strip()
+    for name, value in values.items():
+        if len(value.encode()) < MIN_SECRET_BYTES:
+            raise SystemExit(f"deskpush: {path}: {name} is {len(value.encode())} bytes; use at least "
+                             f"{MIN_SECRET_BYTES}, or delete the file for new development secrets")
     return values
-
-
-def _quiet_short_secret_warning(secret: str | None) -> None:
-    """Say in one line that ``secret`` is short, instead of PyJWT's warning with a source line, each use.
-
-    PyJWT (2.10+) warns on every token it signs or checks with an HMAC key
-    under 32 bytes (RFC 7518 section 3.2 asks for at least 256 bits).
-    """
-    if not secret or len(secret.encode()) >= 32:
-        return
-    print(f"deskpush: warning: the agent token secret is {len(secret.encode())} bytes; "
-          "HS256 wants at least 32 (RFC 7518 section 3.2)", file=sys.stderr)
-    try:
-        from jwt.warnings import InsecureKeyLengthWarning
-    except ImportError:  # PyJWT before 2.10 does not warn
-        return
-    warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 
 def _tune_gc() -> None:
@@ -260,8 +264,6 @@ def _tune_gc() -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .auth import AgentTokens
-
     config = _load(args.config)
     secret = config.jwt_secret()
     if secret is None:
@@ -271,8 +273,13 @@ def cmd_token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    _quiet_short_secret_warning(secret)
-    print(AgentTokens(secret).issue(args.agent_id, ttl=args.ttl))
+    longest = config.auth.max_token_lifetime
+    if args.ttl is not None and longest is not None and args.ttl > longest:
+        print(f"deskpush token: --ttl {args.ttl:g} is longer than auth.maxTokenLifetime ({longest:g} s): "
+              "the server would refuse the token", file=sys.stderr)
+        return 2
+    ttl = config.token_ttl() if args.ttl is None else args.ttl
+    print(config.agent_tokens(secret).issue(args.agent_id, ttl=ttl))
     return 0
 
 
@@ -500,8 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("agent_id", type=_agent_id, metavar="AGENT_ID", help="the agent id (1 to 128 characters)")
     t.add_argument("--config", metavar="FILE",
                    help="TOML config file (default: $DESKPUSH_CONFIG, else the embedded defaults)")
-    t.add_argument("--ttl", type=_positive_seconds, default=12 * 3600, metavar="SECONDS",
-                   help="seconds the token is valid, more than 0 (default: 43200, 12 h)")
+    t.add_argument("--ttl", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="seconds the token is valid, more than 0 "
+                        "(default: 43200, 12 h, or auth.maxTokenLifetime if shorter)")
     t.set_defaults(func=cmd_token)
 
     n = sub.add_parser(

@@ -8,6 +8,7 @@ raises ``ConfigError`` naming it (``Expected `int`, got `str` - at
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -18,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
+from .auth import MIN_SECRET_BYTES, AgentTokens, Network
 
 __all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
 
@@ -41,7 +43,8 @@ class ServerSection(_Section):
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 4096
     # Largest frame a client may send; larger ones close the connection with 1009.
     max_size: Annotated[int, Meta(ge=1024, le=16 * 2**20)] = 64 * 1024
-    # Seconds a client has to send its hello frame.
+    # Seconds from accepting a connection to its authentication: the opening
+    # handshake and the hello frame together.
     hello_timeout: Annotated[float, Meta(gt=0)] = 10.0
     # Bytes that may wait in one connection's write buffer before it is closed as too slow.
     outbound_limit: Annotated[int, Meta(ge=4096)] = 1024 * 1024
@@ -58,6 +61,12 @@ class ServerSection(_Section):
     # Where pending notifications are saved on shutdown and taken back on start,
     # so a restart or rolling deploy does not lose offers. None: memory only.
     state_file: str | None = None
+    # Connections accepted and not yet authenticated (in their handshake, or
+    # waiting for their hello); past it, an upgrade gets 503 instead of an fd.
+    max_pending_handshakes: Annotated[int, Meta(ge=1)] = 1000
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the
+    # client, for the failed-authentication throttle. Empty: the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class ApiKey(_Section):
@@ -71,6 +80,15 @@ class AuthSection(_Section):
     jwt_secret: str | None = None
     jwt_secret_env: str = JWT_SECRET_ENV
     integrator_keys: tuple[ApiKey, ...] = ()
+    # Optional checks of agent tokens: the iss claim they must carry, the aud they
+    # must name, and the longest exp - iat (seconds; tokens must then carry iat).
+    issuer: str | None = None
+    audience: str | None = None
+    max_token_lifetime: Annotated[float, Meta(gt=0)] | None = None
+    # Failed integrator authentications allowed from one address within
+    # failedAuthWindow seconds; past them it is refused that long. 0: no limit.
+    failed_auth_limit: Annotated[int, Meta(ge=0)] = 10
+    failed_auth_window: Annotated[float, Meta(gt=0)] = 60.0
 
 
 class Config(_Section):
@@ -88,8 +106,15 @@ class Config(_Section):
         return out
 
     def jwt_secret(self) -> str | None:
-        """The configured secret, from the file or the environment."""
-        return self.auth.jwt_secret or os.environ.get(self.auth.jwt_secret_env) or None
+        """The configured secret, from the file or the environment.
+
+        Raises:
+            ConfigError: it is shorter than 32 bytes.
+        """
+        if self.auth.jwt_secret:
+            return _long_enough(self.auth.jwt_secret, "auth.jwtSecret")
+        env = os.environ.get(self.auth.jwt_secret_env)
+        return _long_enough(env, self.auth.jwt_secret_env) if env else None
 
     def api_keys(self) -> dict[str, str]:
         """Integrator keys as {name: key}; DESKPUSH_API_KEY adds one named "default"."""
@@ -105,11 +130,49 @@ class Config(_Section):
                                   "(or empty) in the environment - at $.auth.integratorKeys")
             if not value:
                 raise ConfigError(f"integrator key {k.name!r} has no key (set key or keyEnv) - at $.auth.integratorKeys")
-            keys[k.name] = value
+            keys[k.name] = _long_enough(value, f"integrator key {k.name!r}", " - at $.auth.integratorKeys")
         env = os.environ.get(API_KEY_ENV)
         if env and "default" not in keys:
-            keys["default"] = env
+            keys["default"] = _long_enough(env, API_KEY_ENV)
         return keys
+
+    def agent_tokens(self, secret: str) -> AgentTokens:
+        """Agent tokens signed with ``secret``, with this config's issuer, audience and lifetime checks."""
+        a = self.auth
+        return AgentTokens(secret, issuer=a.issuer, audience=a.audience, max_lifetime=a.max_token_lifetime)
+
+    def token_ttl(self, wanted: float = 12 * 3600) -> float:
+        """``wanted`` seconds, or ``auth.maxTokenLifetime`` if that is shorter."""
+        longest = self.auth.max_token_lifetime
+        return wanted if longest is None else min(wanted, longest)
+
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """``server.trustedProxies`` as networks.
+
+        Raises:
+            ConfigError: an entry is not an IP address or network.
+        """
+        out = []
+        for entry in self.server.trusted_proxies:
+            try:
+                out.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ConfigError(f"{entry!r} is not an IP address or network - at $.server.trustedProxies") from None
+        return tuple(out)
+
+    def check_secrets(self) -> None:
+        """Raise ``ConfigError`` for a secret or key that is missing or too short."""
+        self.jwt_secret()
+        self.api_keys()
+
+
+def _long_enough(secret: str, what: str, where: str = "") -> str:
+    """``secret``, if it has at least 32 bytes (PyJWT warns about shorter HMAC keys; RFC 7518 3.2)."""
+    n = len(secret.encode())
+    if n < MIN_SECRET_BYTES:
+        raise ConfigError(f"{what} is {n} bytes; use at least {MIN_SECRET_BYTES} "
+                          f"(e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'){where}")
+    return secret
 
 
 def default() -> Config:
@@ -117,9 +180,15 @@ def default() -> Config:
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
-    """Decode the TOML file at ``path``; None gives the embedded defaults."""
+    """Decode the TOML file at ``path``; None gives the embedded defaults.
+
+    Either way the secret and keys it names (or the environment gives) are
+    checked: present where named, and at least 32 bytes.
+    """
     if path is None:
-        return default()
+        config = default()
+        config.check_secrets()
+        return config
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -135,7 +204,8 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     if dupes:
         raise ConfigError(f"{path}: template defined twice: {', '.join(dupes)} - at $.templates")
     try:
-        config.api_keys()  # validates key names and keyEnv references early
+        config.check_secrets()  # key names, keyEnv references, lengths: before anything starts
+        config.trusted_networks()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config

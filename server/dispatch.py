@@ -4,7 +4,8 @@ The ``Dispatcher`` owns what happens between the engine and the sockets:
 
 * ``apply(effects)``: each ``Send`` is encoded and framed once, whatever the
   number of its targets, and queued on each target connection; each
-  ``Ended`` goes to the outcome log. Connections are written at the end of
+  ``Ended`` goes to the outcome log; each ``Close`` closes its connections
+  (after what was queued on them). Connections are written at the end of
   the loop iteration (``flush``), once each, with everything they got in it;
   one that collects ``write_at`` frames first is written at once.
 * The one timer: a single callback armed at the engine's ``next_deadline()``;
@@ -27,7 +28,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ..protocol import Ended, Engine, Send
+from ..protocol import Close, Ended, Engine, Send
 from ..protocol import frames as f
 from .clock import Cancellable, Clock
 from .connection import text_frame
@@ -43,6 +44,8 @@ class Target(Protocol):
     def queue_frame(self, frame: bytes) -> int: ...
 
     def flush(self) -> None: ...
+
+    def close(self, code: int, reason: str = "") -> None: ...
 
 
 class Dispatcher:
@@ -88,8 +91,8 @@ class Dispatcher:
     # ------------------------------------------------------------------
     # Effects
 
-    def apply(self, effects: Iterable[Send | Ended]) -> None:
-        """Queue every frame of ``effects`` on its targets and log every outcome."""
+    def apply(self, effects: Iterable[Send | Ended | Close]) -> None:
+        """Queue every frame of ``effects`` on its targets, log every outcome, close what is to close."""
         encode = f.ENCODER.encode
         dirty = self._dirty
         write_at = self.write_at
@@ -106,8 +109,15 @@ class Dispatcher:
                 if self._debug:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
                               len(effect.targets))
-            elif log_outcome is not None:  # Ended
-                log_outcome(effect)
+            elif type(effect) is Ended:
+                if log_outcome is not None:
+                    log_outcome(effect)
+            else:  # Close: what was queued on them goes first
+                code, reason = effect.closing
+                for conn in effect.targets:
+                    conn.close(code, reason)
+                    dirty.pop(conn, None)
+                log.debug("closed %d connection(s) with %d (%s)", len(effect.targets), code, reason)
         if dirty and self._flush_handle is None:
             self._flush_handle = self.clock.call_soon(self._flush)
         self._rearm()

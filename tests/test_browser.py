@@ -520,6 +520,43 @@ async def test_bad_token_shows_form_then_paste(browser: Any, server: DeskpushSer
     assert "token=" not in page.url
 
 
+async def test_a_tab_replaced_by_a_newer_one_says_so_and_waits(browser: Any) -> None:
+    """Close 4409 (limits.sessionsPerAgent): no reconnect loop between tabs; the agent picks the tab."""
+    async with DeskpushServer(config_with(sessions_per_agent=1), jwt_secret=SECRET,
+                              api_keys={"crm": API_KEY}) as srv:
+        ig = Integrator(await open_integrator(srv))
+        ctx = await browser.new_context()
+        old = await open_desktop(ctx, srv)
+        await expect(old.locator("#replaced")).to_be_hidden()
+        rid = await ig.notify("agent-7")
+        nid = await ig.displayed(rid)
+        await expect(card(old, nid)).to_be_visible()
+
+        new = await open_desktop(ctx, srv)
+        await expect(card(new, nid)).to_be_visible()
+        await expect(old.locator("#status")).to_have_attribute("data-state", "replaced")
+        await expect(old.locator("#replaced")).to_be_visible()
+        await expect(old.locator("#replaced")).to_contain_text("more tabs or devices than the server allows")
+        await expect(old.locator(".card")).to_have_count(0)
+        # Longer than the desktop's longest first retry (1 s): the old tab did not
+        # reconnect on its own, so the new one is still the agent's session.
+        await asyncio.sleep(1.5 * UNIT)
+        await expect(old.locator("#status")).to_have_attribute("data-state", "replaced")
+        await expect(new.locator("#status")).to_have_attribute("data-state", "connected")
+        assert srv.engine.statistics()["agentSessions"] == 1
+
+        # Choosing the old tab again takes over, with the offer replayed; the new one is told.
+        await old.get_by_role("button", name="Use this tab").click()
+        await expect(old.locator("#status")).to_have_attribute("data-state", "connected")
+        await expect(old.locator("#replaced")).to_be_hidden()
+        await expect(card(old, nid)).to_be_visible()
+        await expect(new.locator("#status")).to_have_attribute("data-state", "replaced")
+        await card(old, nid).get_by_role("button", name="Accept: New chat request").click()
+        assert await ig.result(rid) == {"actionName": "Accept", "responseReason": "Accept"}
+        assert old.errors == [] and new.errors == []
+        await ctx.close()
+
+
 async def test_desktop_alert_once_across_hidden_tabs(browser: Any, server: DeskpushServer,
                                                     integrator: Integrator) -> None:
     ctx = await browser.new_context()

@@ -250,7 +250,7 @@ def test_configuration_md_lists_the_builtin_templates():
 
 
 def test_configuration_md_toml_examples_load(tmp_path, monkeypatch):
-    monkeypatch.setenv("DESKPUSH_CRM_KEY", "crm-key-from-env")
+    monkeypatch.setenv("DESKPUSH_CRM_KEY", "crm-key-from-env-" + "e" * 32)
     text = read(CONFIGURATION_MD)
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
     assert blocks

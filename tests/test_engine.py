@@ -19,12 +19,14 @@ from deskpush.protocol.engine import (
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
+    Close,
     Ended,
     Limits,
     Send,
     State,
 )
 from deskpush.protocol.templates import FieldTemplate, Template
+from deskpush.protocol.vocabulary import CLOSE_SESSION_REPLACED
 
 from .engine_helpers import (
     AUTO,
@@ -855,6 +857,67 @@ def test_respond_from_a_closed_session_is_not_an_answer():
     out = h.respond("s2", nid, "Accept")
     assert ended(out) == []
     assert h.engine.state_of(nid) is State.DISPLAYED
+
+
+# ---------------------------------------------------------------------------
+# Sessions per agent: the newest works, the oldest is closed
+
+
+def closes(effects) -> list[Close]:
+    return [e for e in effects if isinstance(e, Close)]
+
+
+def test_sessions_per_agent_default_ten_the_eleventh_closes_the_oldest():
+    h = setup()  # s1 is the first
+    for i in range(2, 11):
+        assert closes(h.connect(f"s{i}", "a1")) == []
+    out = h.connect("s11", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    assert CLOSE_SESSION_REPLACED.code == 4409
+    # The newest is welcomed as usual; the closed one is no session any more.
+    assert [type(x).__name__ for x in sent_to(out, "s11")] == ["Welcome"]
+    assert h.engine.statistics()["agentSessions"] == 10
+    # Then the next oldest, one at a time.
+    assert closes(h.connect("s12", "a1")) == [Close(("s2",), CLOSE_SESSION_REPLACED)]
+
+
+def test_replaced_session_gets_nothing_more_and_its_disconnect_changes_nothing():
+    h = setup(Limits(sessions_per_agent=2))
+    h.connect("s2", "a1")
+    out = h.connect("s3", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    since = len(h.log)
+    nid = offer(h, "r1")
+    h.respond("s3", nid, "Accept")
+    assert "s1" not in targets(h.log[since:]) and {"s2", "s3"} <= targets(h.log[since:])
+    # The closed session's disconnect comes later (when its socket closes): a no-op,
+    # no presence grace starts, the agent keeps its two sessions.
+    assert h.disconnect("s1") == []
+    assert h.engine.statistics()["agentSessions"] == 2
+    # A respond it sent before its socket closed is not an answer.
+    nid2 = offer(h, "r2")
+    assert ended(h.respond("s1", nid2, "Reject")) == []
+    assert h.engine.state_of(nid2) is State.DISPLAYED
+
+
+def test_replaced_session_order_follows_connects_not_ids():
+    h = setup(Limits(sessions_per_agent=2))
+    h.connect("a-second", "a1")
+    h.disconnect("s1")  # the oldest leaves on its own
+    h.connect("0-third", "a1")
+    assert closes(h.connect("z-fourth", "a1")) == [Close(("a-second",), CLOSE_SESSION_REPLACED)]
+
+
+def test_sessions_per_agent_counts_per_agent_and_one_replays_displayed():
+    h = setup(Limits(sessions_per_agent=1))
+    h.connect("t1", "a2")  # another agent: its own count
+    nid = offer(h, "r1")
+    out = h.connect("s2", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    # The new session gets the replay, and the notification stays displayed.
+    assert [x.notification_id for x in sent_to(out, "s2", f.Notification)] == [nid]
+    assert ended(out) == []
+    assert h.engine.statistics()["agentSessions"] == 2
 
 
 # ---------------------------------------------------------------------------

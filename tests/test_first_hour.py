@@ -348,3 +348,13 @@ async def test_the_readme_python_example_runs_as_pasted(tmp_path):
         out = await _offer_accepted_by_agent(str(srv.port), token, f"{shlex.quote(sys.executable)} offer.py",
                                              tmp_path, env)
     assert out.strip() == "{'actionName': 'Accept', 'responseReason': 'Accept'}"
+
+
+def test_dev_secrets_shorter_than_the_server_takes_are_refused(tmp_path):
+    dev = tmp_path / "deskpush-dev.env"
+    dev.write_text(f"DESKPUSH_JWT_SECRET=short\nDESKPUSH_API_KEY={KEY}\n")
+    dev.chmod(0o600)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "0", "--dev-secrets", str(dev)])
+    assert str(exc.value.code) == (f"deskpush: {dev}: DESKPUSH_JWT_SECRET is 5 bytes; use at least 32, "
+                                   "or delete the file for new development secrets")
