@@ -151,12 +151,12 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         lines.append(f"  agent desktop:     {http}/#token={token}")
         lines.append(f"  agent token:       {token}  ({agent}, valid {_duration(ttl)})")
     elif config.server.demo:
-        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: deskpush token AGENT_ID)")
+        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: {_command_name()} token AGENT_ID)")
     elif ephemeral:
         lines.append(f"  agent tokens:      none can be issued: the secret lasts for this run only "
-                     f"(set {secret_env}, then: deskpush token AGENT_ID)")
+                     f"(set {secret_env}, then: {_command_name()} token AGENT_ID)")
     else:
-        lines.append("  agent tokens:      deskpush token AGENT_ID  (with the same config and environment)")
+        lines.append(f"  agent tokens:      {_command_name()} token AGENT_ID  (with the same config and environment)")
     if generated_key and kept_in:
         lines.append(f"  integrator key:    {generated_key}  (development key kept in {kept_in}; set {API_KEY_ENV} to fix one)")
         key_shown = generated_key
