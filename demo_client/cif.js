@@ -31,8 +31,9 @@
 //   restart, or a connection that cannot be opened) does not settle anything:
 //   pending calls stay pending. While at least one is pending, cif.js
 //   reconnects by itself, with exponential backoff and equal jitter (250 ms
-//   doubling up to 5 s, for as long as calls are pending); with nothing
-//   pending it reconnects on the next call. Calls made while reconnecting wait.
+//   doubling up to 5 s, for as long as calls are pending; after a 1012 the
+//   backoff starts again at its first step); with nothing pending it
+//   reconnects on the next call. Calls made while reconnecting wait.
 // - Replayed results settle the calls they answer; a requestId settles once.
 //   Then, on `resumed`:
 //   - complete: true: every call still unanswered is sent again with the same
@@ -257,6 +258,8 @@ function onClose(c, ev) {
   }
   if (code === CLOSE_CODE.MESSAGE_TOO_BIG) rejectTooBig(c);
   if (c.readyAt && Date.now() - c.readyAt >= STABLE_MS) attempt = 0;
+  // 1012: the server is draining for a restart, nothing failed: the first step again.
+  if (code === CLOSE_CODE.SERVICE_RESTART) attempt = 0;
   if (pending.size === 0) {
     reconnecting = false;
     emitState("disconnected", { code, reason });

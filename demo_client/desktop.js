@@ -27,6 +27,11 @@ const BACKOFF_FIRST_MS = 250;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 12000;
 const STABLE_MS = 10000; // a session that lived this long resets the backoff
+// After a close with 1012 (the server is draining for a restart) the desktop
+// reconnects at once, at a random moment within this, so that the desktops
+// of one batch do not all arrive in the same instant.
+const RESTART_JITTER_MS = 1000;
+const RESTARTING_TEXT = "Server restarting, reconnecting…";
 const TOAST_MS = 3200;
 const ACTIVITY_MAX = 12;
 // The close code this tab sends when pongs stop: private use (RFC 6455
@@ -151,6 +156,7 @@ const state = {
   phase: "idle", // connecting | connected | reconnecting | rejected | replaced | signedout
   attempt: 0,
   retryAt: 0,
+  restarting: false, // closed with 1012: until the next welcome, say why we reconnect
   retryTimer: null,
   pingTimer: null,
   pingsInFlight: [], // Date.now() of each unanswered ping, oldest first
@@ -243,7 +249,7 @@ function connect() {
   }
   showWorkspace();
   $("replaced").hidden = true;
-  setPhase("connecting", state.attempt ? "Reconnecting…" : "Connecting…");
+  setPhase("connecting", state.restarting ? RESTARTING_TEXT : state.attempt ? "Reconnecting…" : "Connecting…");
   let sock;
   try {
     sock = new WebSocket(agentUrl());
@@ -294,6 +300,14 @@ function onClosed(ev) {
     showTokenForm("The server rejected this token (expired or invalid). Paste a new one to sign in.", true);
     return;
   }
+  if (ev.code === CLOSE_CODE.SERVICE_RESTART) {
+    // Planned, not a failure: reconnect now (with jitter), and start the
+    // backoff afresh should the next attempt fail.
+    state.restarting = true;
+    state.attempt = 0;
+    scheduleReconnect(Math.random() * RESTART_JITTER_MS);
+    return;
+  }
   if (ev.code === CLOSE_CODE.SESSION_REPLACED) {
     // The agent opened more sessions than the server allows and this one was
     // the oldest. Reconnecting on our own would close another of them, which
@@ -315,12 +329,12 @@ function useThisTab() {
   connect();
 }
 
-function scheduleReconnect() {
+function scheduleReconnect(delayMs) {
   // Exponential backoff with full jitter: a restarted server is not hit by
-  // every desktop at the same instant.
+  // every desktop at the same instant. `delayMs`: this delay instead (1012).
   const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-  const delay = Math.max(BACKOFF_FIRST_MS, Math.random() * ceiling);
-  state.attempt += 1;
+  const delay = delayMs ?? Math.max(BACKOFF_FIRST_MS, Math.random() * ceiling);
+  if (delayMs === undefined) state.attempt += 1;
   state.retryAt = Date.now() + delay;
   clearTimeout(state.retryTimer);
   state.retryTimer = setTimeout(connect, delay);
@@ -330,7 +344,8 @@ function scheduleReconnect() {
 function renderReconnecting() {
   if (state.phase === "rejected" || state.retryTimer === null) return;
   const secs = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
-  setPhase("reconnecting", secs > 0 ? `Reconnecting in ${secs} s` : "Reconnecting…");
+  if (state.restarting) setPhase("reconnecting", RESTARTING_TEXT);
+  else setPhase("reconnecting", secs > 0 ? `Reconnecting in ${secs} s` : "Reconnecting…");
 }
 
 function retryNow() {
@@ -341,6 +356,7 @@ function retryNow() {
 function useToken(token) {
   state.token = token;
   state.attempt = 0;
+  state.restarting = false;
   storeToken(token);
   const sock = state.ws;
   state.ws = null;
@@ -430,6 +446,7 @@ function onFrame(frame) {
 function onWelcome(frame) {
   state.agentId = String(frame.agentId ?? "");
   state.welcomedAt = Date.now();
+  state.restarting = false;
   clock.seed(frame.serverTime);
   setPhase("connected", "Connected");
   $("status").title = `Connected as ${state.agentId}`;

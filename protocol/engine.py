@@ -504,6 +504,18 @@ class Engine:
         self._history_start: str | None = None  # set by the first event, or a snapshot
         self.outcomes = 0
 
+    def replace_templates(self, templates: Mapping[str, Template]) -> None:
+        """Use ``templates`` from now on (a reload of the configuration).
+
+        Only notifyEvents after this call see the change: every pending
+        notification holds the ``Template`` it was created with, and its card
+        was rendered then, so a displayed or queued offer looks and times out
+        as it did (a template removed or changed in the meantime included).
+        """
+        renderers = {name: Renderer(t) for name, t in templates.items()}
+        self.templates = dict(templates)
+        self._renderers = renderers
+
     # ------------------------------------------------------------------
     # Queries
 

@@ -45,6 +45,7 @@ __all__ = [
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_SESSION_REPLACED",
     "CLOSE_AUTH_THROTTLED",
+    "CLOSE_SERVICE_RESTART",
     "CLOSINGS",
     "javascript_module",
 ]
@@ -131,6 +132,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # over the rate limit
     MESSAGE_TOO_BIG = 1009  # a frame over server.maxSize (websockets' reason)
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server is draining for a restart: reconnect now, with jitter
     UNAUTHORIZED = 4401  # hello missing, late or refused
     # The agent opened more than limits.sessionsPerAgent sessions: the oldest
     # is closed so the newest works. Not to be retried on its own: that would
@@ -154,6 +156,7 @@ CLOSE_KEEPALIVE_TIMEOUT = Closing(CloseCode.INTERNAL_ERROR, "keepalive ping time
 CLOSE_INTERNAL_ERROR = Closing(CloseCode.INTERNAL_ERROR, "internal error")
 CLOSE_SESSION_REPLACED = Closing(CloseCode.SESSION_REPLACED, "replaced by a newer session of this agent")
 CLOSE_AUTH_THROTTLED = Closing(CloseCode.AUTH_THROTTLED, "too many failed authentications, retry later")
+CLOSE_SERVICE_RESTART = Closing(CloseCode.SERVICE_RESTART, "server restarting")
 
 #: Every close the server decides on, by the name the code uses for it.
 CLOSINGS: dict[str, Closing] = {
@@ -163,6 +166,7 @@ CLOSINGS: dict[str, Closing] = {
     "CLOSE_INTERNAL_ERROR": CLOSE_INTERNAL_ERROR,
     "CLOSE_SESSION_REPLACED": CLOSE_SESSION_REPLACED,
     "CLOSE_AUTH_THROTTLED": CLOSE_AUTH_THROTTLED,
+    "CLOSE_SERVICE_RESTART": CLOSE_SERVICE_RESTART,
 }
 
 

@@ -26,6 +26,17 @@ before its key is looked at. Agent tokens are not throttled: a JWT signed
 with a secret of 32 bytes or more cannot be guessed online, and desktops
 behind one contact centre's NAT share an address, so a few with expired
 tokens would lock out every agent there.
+
+Stopping comes in two speeds. ``close()`` closes every connection at once
+with 1001 (going away). ``drain()`` first, as SIGTERM does: ``/readyz``
+answers 503 from that moment, new sessions are refused (503), and the open
+ones are closed with 1012 (service restart) a batch at a time over
+``server.drainTimeout``, agents in random order and integrators last, so the
+desktops come back (elsewhere, or to the next process) spread out instead of
+all in the same second; then ``close()`` saves the state file.
+
+``reload()`` swaps the templates and integrator keys of a running server
+(SIGHUP) without touching a connection or a pending notification.
 """
 
 from __future__ import annotations
@@ -33,14 +44,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import secrets
 from collections.abc import Sequence
 from http import HTTPStatus
 
+import msgspec
 from websockets.http11 import Request, Response
 
 from ..protocol import Engine
-from ..protocol.vocabulary import CloseCode
+from ..protocol.vocabulary import CLOSE_SERVICE_RESTART, CloseCode
 from . import logs
 from .auth import ApiKeys, FailureThrottle, Network, source_address
 from .clock import Clock, LoopClock
@@ -57,12 +70,34 @@ from .endpoints import (
 )
 from .listener import AcceptCounts, Listener, bind, open_files_limit, raise_open_files_limit
 from .state import StateFile, StateFileError
-from .web import SECURITY_HEADERS, Site, plain, unauthorized
+from .web import SECURITY_HEADERS, Site, draining, plain, unauthorized
 
 __all__ = ["DeskpushServer"]
 
 log = logging.getLogger("deskpush")
 outcome_log = logging.getLogger("deskpush.outcome")
+
+#: A drain closes at least this many agent sessions together: a few desktops
+#: reconnecting in the same instant is no herd, and a drain of a handful of
+#: sessions (a development server, a test) is over at once.
+DRAIN_BATCH_MIN = 10
+#: ... and leaves at least this long (seconds) between two batches.
+DRAIN_STEP_MIN = 0.05
+
+
+def drain_schedule(sessions: int, window: float) -> list[tuple[float, int]]:
+    """When each batch of a drain closes, and how many: ``(seconds from the start, count)``.
+
+    ``sessions`` are cut into equal batches (at least ``DRAIN_BATCH_MIN`` each,
+    at least ``DRAIN_STEP_MIN`` apart) evenly spaced over ``window``: the first
+    at once, the last one step before the window ends.
+    """
+    if sessions <= 0:
+        return []
+    batches = max(1, min(math.ceil(sessions / DRAIN_BATCH_MIN), int(window / DRAIN_STEP_MIN)))
+    step = window / batches
+    size, extra = divmod(sessions, batches)
+    return [(i * step, size + (1 if i < extra else 0)) for i in range(batches)]
 
 
 class DeskpushServer:
@@ -96,6 +131,9 @@ class DeskpushServer:
         self._clock: LoopClock | None = None
         self._stopped: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None  # set while closing, once no connection is left
+        self._draining = False
+        self._closing: set[Connection] = set()  # closed by the drain, not gone yet
+        self._closing_done: asyncio.Event | None = None  # set when _closing empties
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -158,8 +196,93 @@ class DeskpushServer:
         log.info("open files limit %d%s: one per connection", limit,
                  f" (soft limit raised from {before})" if limit != before else "")
 
+    async def drain(self, window: float | None = None) -> None:
+        """Close every session with 1012 (service restart), spread over ``window`` seconds.
+
+        From the first moment ``not_ready()`` says ``"draining"`` (``/readyz``
+        answers 503) and a new session is refused with 503, while plain HTTP is still answered,
+        so a load balancer's probe sees the node going. The agent sessions
+        open now are closed in random order in the batches of
+        ``drain_schedule`` (default window: ``server.drainTimeout``); the
+        integrator connections, and anything else still open, with the last
+        batch: so the integrators can offer to, and hear from, the agents
+        still here until then. It returns once the closing handshakes are
+        over (``close_timeout`` each at most). Cancelling it (a second signal)
+        stops the spreading; ``close()`` then closes the rest at once.
+
+        Call ``close()`` after it (it is not called here: its save must run
+        even if the drain was cancelled).
+        """
+        if self._listener is None or self._draining:
+            return
+        self._draining = True
+        window = self.config.server.drain_timeout if window is None else window
+        self._closing_done = asyncio.Event()
+        agents = [c for c in self._connections if c.open and self._endpoint_path(c) == "/agent"]
+        random.shuffle(agents)
+        schedule = drain_schedule(len(agents), window)
+        log.info("draining: closing %d agent session(s) with %d (service restart) in %d batch(es) over %g s, "
+                 "then %d other connection(s)", len(agents), CLOSE_SERVICE_RESTART.code, len(schedule), window,
+                 len(self._connections) - len(agents))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        done = 0
+        for at, count in schedule:
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._close_for_restart(agents[done:done + count])
+            done += count
+        # The integrators, and sessions that opened meanwhile (answered 101 just before the drain).
+        self._close_for_restart([c for c in self._connections if c.open])
+        while self._closing:
+            self._closing_done.clear()
+            await self._closing_done.wait()
+        log.info("drained: every session closed")
+
+    @staticmethod
+    def _endpoint_path(conn: Connection) -> str | None:
+        return conn.request.path.partition("?")[0] if conn.request is not None else None
+
+    def _close_for_restart(self, conns: list[Connection]) -> None:
+        for conn in conns:
+            if conn.open and conn in self._connections:
+                self._closing.add(conn)
+                conn.close(*CLOSE_SERVICE_RESTART)
+
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain()`` has started."""
+        return self._draining
+
+    def not_ready(self) -> str | None:
+        """Why this node should be sent no new sessions now (``/readyz`` answers 503), or None: it is ready.
+
+        Ready means listening and not draining.
+        """
+        if self._listener is None:
+            return "not listening"
+        if self._draining:
+            return "draining"
+        # Cluster mode adds its own condition here: the node's Redis is reachable.
+        return None
+
+    def reload(self, config: Config, api_keys: dict[str, str]) -> None:
+        """Use the templates of ``config`` and ``api_keys`` from now on, keeping every connection.
+
+        What was already made stays as it was: a notification keeps the
+        template it was created with, a connection the key it authenticated
+        with. The rest of ``config`` is not taken (``config.needs_restart`` names what differs).
+        """
+        self.engine.replace_templates(config.template_map())
+        self.api_keys.replace(api_keys)
+        self.config = msgspec.structs.replace(self.config, builtin_templates=config.builtin_templates,
+                                              templates=config.templates)
+
     async def close(self) -> None:
         """Stop listening, close every connection with 1001 (going away), save the pending offers.
+
+        After ``drain()`` (even a cancelled one) what is left is closed with 1012 instead.
 
         Raises:
             StateFileError: the save failed (the server is closed all the same).
@@ -169,9 +292,10 @@ class DeskpushServer:
         listener, self._listener = self._listener, None
         listener.close()
         await listener.wait_closed()  # the connections accepted until now are in _connections
+        code = CLOSE_SERVICE_RESTART.code if self._draining else CloseCode.GOING_AWAY
         for conn in list(self._connections):
             if conn.open:
-                conn.close(CloseCode.GOING_AWAY)
+                conn.close(code)
             else:
                 conn.abort()  # still in its handshake
         if self._connections:
@@ -256,6 +380,8 @@ class DeskpushServer:
 
     def _answer(self, conn: Connection, path: str, endpoint: bool, request: Request) -> Response | None:
         if endpoint:
+            if self._draining:
+                return draining()
             if len(self._pending) > self.config.server.max_pending_handshakes:
                 return self._too_busy()
             if path == "/agent":
@@ -267,6 +393,8 @@ class DeskpushServer:
             if request.headers.get("Authorization") is None:
                 return unauthorized()
             return self._check_bearer(conn, request) or self.site.stats(self.statistics())
+        if path == "/readyz":
+            return self.site.readiness(self.not_ready())
         return self.site.respond(path)
 
     def _check_bearer(self, conn: Connection, request: Request) -> Response | None:
@@ -313,6 +441,10 @@ class DeskpushServer:
     def closed(self, conn: Connection) -> None:
         self._pending.pop(conn, None)
         self._connections.discard(conn)
+        if self._closing:
+            self._closing.discard(conn)
+            if not self._closing and self._closing_done is not None:
+                self._closing_done.set()
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
 

@@ -126,6 +126,23 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
+    def replace(self, keys: dict[str, str]) -> None:
+        """Check against ``keys`` from now on (a reload of the configuration).
+
+        Only handshakes and hellos after this call see the change:
+        connections already authenticated stay, whatever key they used.
+
+        Raises:
+            ValueError: a key is too short (nothing is replaced).
+        """
+        for name, key in keys.items():
+            _check_length(f"integrator key {name!r}", key)
+        self._keys = [(name, key.encode()) for name, key in keys.items()]
+
+    def names(self) -> list[str]:
+        """The configured keys' names (never the keys)."""
+        return [name for name, _ in self._keys]
+
     def check(self, presented: str) -> str | None:
         """The name of the key ``presented`` matches, or None."""
         given = presented.encode()

@@ -3,10 +3,16 @@
     deskpush serve [--config FILE] [--host H] [--port P] [--agent ID] [--log-level L] [--dev-secrets FILE]
     deskpush token AGENT_ID [--config FILE] [--ttl SECONDS]
     deskpush notify --agent ID --template NAME [--param key=value ...]
+    deskpush reload [--config FILE] [--pid-file FILE]
 
 ``serve`` runs the server (``app.DeskpushServer``) on uvloop when it is
 installed; ``notify`` is a one-shot integrator built on the Python SDK,
-``deskpush.client``.
+``deskpush.client``; ``reload`` sends SIGHUP to a running ``serve``.
+
+A running ``serve`` takes three signals: SIGTERM drains (``DeskpushServer.drain``:
+sessions closed with 1012 over ``server.drainTimeout``, then the state file is
+saved), SIGINT (Ctrl-C), or a second SIGTERM during a drain, closes everything
+at once; SIGHUP rereads the templates and integrator keys of the config file.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from ..client import (
 from ..protocol.frames import Id
 from . import __version__, logs
 from .auth import MIN_SECRET_BYTES
-from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
+from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load, needs_restart
 
 __all__ = ["main"]
 
@@ -60,6 +66,7 @@ def _run(main: Callable[[], Awaitable[Any]]) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    reloader = Reloader(args.config or os.environ.get("DESKPUSH_CONFIG"), config)
     if args.host or args.port is not None:
         server = config.server
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(
@@ -69,19 +76,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dev = _dev_secrets(args.dev_secrets) if args.dev_secrets and not (secret and keys) else {}
     generated_key = None if keys else dev.get(API_KEY_ENV) or ephemeral_secret()
     generated_secret = None if secret else dev.get(JWT_SECRET_ENV) or ephemeral_secret()
+    reloader.generated_key = generated_key
     handler = logs.setup(args.log_level)
     try:
         _run(functools.partial(_serve, config, secret or generated_secret, keys or {"default": generated_key},
                                banner=functools.partial(_banner, config, args.agent, ephemeral=secret is None,
                                                         generated_key=generated_key,
-                                                        kept_in=args.dev_secrets if dev else None)))
+                                                        kept_in=args.dev_secrets if dev else None),
+               reloader=reloader))
     finally:
         handler.flush()
     return 0
 
 
-async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Callable[[int, str], str]) -> None:
-    """Run a server until SIGINT or SIGTERM, then close it: its connections, its state file."""
+async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Callable[[int, str], str],
+                 reloader: Reloader | None = None) -> None:
+    """Run a server until SIGTERM (drain, then close) or SIGINT (close at once); reload it on SIGHUP."""
     import anyio
 
     from .app import DeskpushServer
@@ -89,37 +99,140 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
 
     log = logging.getLogger("deskpush")
     srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
+    pid_file = PidFile(config.server.pid_file) if config.server.pid_file else None
     # Signals are taken from before the start: a SIGTERM as soon as the server
     # listens (the state file already taken back) must still save it.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+
+        async def next_stop() -> signal.Signals:
+            """The next SIGTERM or SIGINT; each SIGHUP on the way reloads."""
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if reloader is not None:
+                        reloader(srv)
+                    continue
+                return signal.Signals(signum)
+            raise AssertionError("the signal receiver ended")  # pragma: no cover
+
+        started = False
         try:
+            if pid_file is not None:
+                pid_file.write()
             await srv.start()
-        except StateFileError as exc:
+            started = True
+        except (StateFileError, PidFileError) as exc:
             print(f"deskpush: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         except OSError as exc:
             print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
                   file=sys.stderr)
             raise SystemExit(1) from None
-        print(banner(srv.port, secret), flush=True)
-        _tune_gc()
-        async with anyio.create_task_group() as tg:
+        finally:
+            if pid_file is not None and not started:
+                pid_file.remove()
+        try:
+            print(banner(srv.port, secret), flush=True)
+            _tune_gc()
+            stop = await next_stop()
+            if stop == signal.SIGTERM:
+                log.info("received SIGTERM: draining (another SIGTERM or a SIGINT closes at once)")
+                async with anyio.create_task_group() as tg:
 
-            async def wait_signal() -> None:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    break
-                tg.cancel_scope.cancel()
+                    async def drain() -> None:
+                        await srv.drain()
+                        tg.cancel_scope.cancel()
 
-            tg.start_soon(wait_signal)
-            tg.start_soon(srv.serve_forever)
-        with anyio.CancelScope(shield=True):
-            try:
-                await srv.close()
-            except StateFileError as exc:
-                log.error("%s", exc)
-                raise SystemExit(1) from None
+                    async def hurry() -> None:
+                        again = await next_stop()
+                        log.info("received %s while draining: closing the rest now", again.name)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(drain)
+                    tg.start_soon(hurry)
+            else:
+                log.info("received %s, shutting down", stop.name)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await srv.close()
+                except StateFileError as exc:
+                    log.error("%s", exc)
+                    raise SystemExit(1) from None
+        finally:
+            if pid_file is not None:
+                pid_file.remove()
     log.info("stopped")
+
+
+class Reloader:
+    """What SIGHUP does to a running ``deskpush serve``: reread the config file's templates and integrator keys.
+
+    A file that does not load is refused with the one line ``deskpush serve``
+    would print at start, and the server keeps what it has. A file without
+    integrator keys keeps the key generated at start, if there was one, and
+    is refused otherwise (every integrator would be locked out). Changed keys
+    that only a restart applies are named in a WARNING line.
+    """
+
+    def __init__(self, path: str | None, loaded: Config) -> None:
+        self.path = path
+        self.loaded = loaded  # as read from the file at start, before --host and --port
+        self.generated_key: str | None = None
+
+    def __call__(self, srv: Any) -> bool:
+        """Reload ``srv`` (a ``DeskpushServer``); whether the new configuration was taken."""
+        log = logging.getLogger("deskpush")
+        if self.path is None:
+            log.warning("received SIGHUP: nothing to reload (started without --config or DESKPUSH_CONFIG)")
+            return False
+        try:
+            new = load(self.path)
+            keys = new.api_keys()
+        except ConfigError as exc:
+            log.error("reload refused, the configuration in use stays: %s", exc)
+            return False
+        if not keys:
+            if self.generated_key is None:
+                log.error("reload refused, the configuration in use stays: %s: no integrator key left "
+                          "(set auth.integratorKeys or %s)", self.path, API_KEY_ENV)
+                return False
+            keys = {"default": self.generated_key}
+        srv.reload(new, keys)
+        log.info("reloaded %s: %d templates, integrator keys %s", self.path, len(srv.engine.templates),
+                 ", ".join(keys))
+        later = needs_restart(self.loaded, new)
+        if later:
+            log.warning("%s: %s changed; a reload takes templates and integrator keys only, the rest at a restart",
+                        self.path, ", ".join(later))
+        return True
+
+
+class PidFileError(Exception):
+    """``server.pidFile`` cannot be written."""
+
+
+class PidFile:
+    """``server.pidFile``: this process's id, for ``deskpush reload``; removed at exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mine = f"{os.getpid()}\n"
+
+    def write(self) -> None:
+        try:
+            with open(self.path, "w", encoding="ascii") as fp:
+                fp.write(self._mine)
+        except OSError as exc:
+            raise PidFileError(f"server.pidFile {self.path}: cannot write it: {exc.strerror}") from None
+
+    def remove(self) -> None:
+        """Remove the file if it still names this process (another may have started with the same path)."""
+        try:
+            with open(self.path, encoding="ascii") as fp:
+                if fp.read() != self._mine:
+                    return
+            os.remove(self.path)
+        except OSError:
+            pass
 
 
 def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bool, generated_key: str | None,
@@ -280,6 +393,58 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     ttl = config.token_ttl() if args.ttl is None else args.ttl
     print(config.agent_tokens(secret).issue(args.agent_id, ttl=ttl))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``deskpush reload``: check the config file, then send SIGHUP to the server named by its pid file.
+
+    The file is loaded here first, so a bad one is reported at once (the
+    line ``deskpush serve`` would print, exit 2) and no signal is sent. The
+    server rereads its own ``--config`` file: give this command the same one.
+    """
+    prog = "deskpush reload"
+    config = _load(args.config)
+    path = args.pid_file or config.server.pid_file
+    if not path:
+        print(f"{prog}: no pid file: set server.pidFile in the config (or pass --pid-file), "
+              "or send SIGHUP to the server's process (kill -HUP PID)", file=sys.stderr)
+        return 2
+    try:
+        with open(path, encoding="ascii") as fp:
+            text = fp.read().strip()
+    except OSError as exc:
+        print(f"{prog}: cannot read pid file {path}: {exc.strerror} (is deskpush serve running?)", file=sys.stderr)
+        return 1
+    if not text.isdigit() or int(text) <= 1:
+        print(f"{prog}: pid file {path} holds no process id: {text[:40]!r}", file=sys.stderr)
+        return 1
+    pid = int(text)
+    # A pid file left by a process that was killed may name another program
+    # by now, and SIGHUP ends most programs: where /proc tells, check.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fp:
+            cmdline = fp.read()
+    except FileNotFoundError:
+        cmdline = None if os.path.isdir("/proc/self") else b"deskpush"
+    except OSError:
+        cmdline = b"deskpush"
+    if cmdline is None:
+        print(f"{prog}: no process {pid} (pid file {path} is stale: is deskpush serve running?)", file=sys.stderr)
+        return 1
+    if b"deskpush" not in cmdline:
+        print(f"{prog}: process {pid} of pid file {path} is not deskpush; no signal sent", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"{prog}: no process {pid} (pid file {path} is stale: is deskpush serve running?)", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"{prog}: not allowed to signal process {pid} (run as the user of deskpush serve)", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to deskpush serve (pid {pid}): it rereads its config's templates and integrator keys; "
+          "its log says whether it took them")
     return 0
 
 
@@ -539,6 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a drop, keep reconnecting this long, e.g. through a server restart "
                         f"(default {NOTIFY_RECONNECT_TIMEOUT:g}; 0: fail at once)")
     n.set_defaults(func=cmd_notify)
+
+    r = sub.add_parser(
+        "reload", help="make a running server reread its templates and integrator keys (SIGHUP)",
+        description="Check the config file, then send SIGHUP to the deskpush serve named by the pid file "
+                    "(server.pidFile): it rereads the templates and integrator keys of its own config file, "
+                    "keeping every connection and pending notification.")
+    r.add_argument("--config", help="the server's TOML config file (or DESKPUSH_CONFIG)")
+    r.add_argument("--pid-file", help="the server's pid file (default: server.pidFile of the config)")
+    r.set_defaults(func=cmd_reload)
     return p
 
 

@@ -21,7 +21,7 @@ from msgspec import Meta
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
 from .auth import MIN_SECRET_BYTES, AgentTokens, Network
 
-__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default"]
+__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default", "needs_restart"]
 
 JWT_SECRET_ENV = "DESKPUSH_JWT_SECRET"
 API_KEY_ENV = "DESKPUSH_API_KEY"
@@ -67,6 +67,11 @@ class ServerSection(_Section):
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the
     # client, for the failed-authentication throttle. Empty: the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
+    # Seconds over which SIGTERM spreads the closes (1012) of the sessions, so
+    # desktops reconnect elsewhere a batch at a time instead of all at once.
+    drain_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    # Where ``deskpush serve`` writes its process id, for ``deskpush reload``. None: nowhere.
+    pid_file: str | None = None
 
 
 class ApiKey(_Section):
@@ -237,3 +242,26 @@ def _where_it_belongs(message: str) -> str:
 
 def ephemeral_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+#: What a reload (SIGHUP, ``deskpush reload``) takes from the file; everything else waits for a restart.
+RELOADED = ("templates", "builtinTemplates", "auth.integratorKeys")
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The keys (``section.key``, camelCase) whose value differs between ``old`` and ``new`` and that a reload leaves.
+
+    A reload takes ``RELOADED`` only: the listener's settings, the limits
+    the engine was made with and the token secret live as long as the process.
+    """
+    changed = []
+    for section in msgspec.structs.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if isinstance(before, msgspec.Struct):
+            for fi in msgspec.structs.fields(before):
+                key = f"{section.encode_name}.{fi.encode_name}"
+                if key not in RELOADED and getattr(before, fi.name) != getattr(after, fi.name):
+                    changed.append(key)
+        elif section.encode_name not in RELOADED and before != after:
+            changed.append(section.encode_name)
+    return changed

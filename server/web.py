@@ -1,4 +1,4 @@
-"""Plain HTTP on the WebSocket port: health, statistics, the demo's static files, and the headers they carry.
+"""Plain HTTP on the WebSocket port: health and readiness, statistics, the demo's static files, and the headers they carry.
 
 Every GET (or HEAD) that is not a WebSocket upgrade to an endpoint ends here,
 as one response and a closed connection (no keep-alive: browsers open these
@@ -24,7 +24,7 @@ from websockets.http11 import Response
 
 from ..protocol.vocabulary import ErrorMessage
 
-__all__ = ["Site", "response", "plain", "unauthorized", "CSP", "SECURITY_HEADERS"]
+__all__ = ["Site", "response", "plain", "draining", "unauthorized", "CSP", "SECURITY_HEADERS"]
 
 STATIC_DIR = Path(str(importlib.resources.files("deskpush.client")))
 CONTENT_TYPES = {
@@ -73,12 +73,18 @@ def plain(status: HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) 
     return response(status, text.encode(), "text/plain; charset=utf-8", extra)
 
 
+def draining() -> Response:
+    """503 for a WebSocket handshake while the server drains: the client should connect again (elsewhere)."""
+    return plain(HTTPStatus.SERVICE_UNAVAILABLE, "server restarting, connect again\n", [("Retry-After", "1")])
+
+
 def unauthorized() -> Response:
     """401 for a request without a valid integrator key (RFC 9110 section 11.6.1: with a challenge)."""
     return plain(HTTPStatus.UNAUTHORIZED, f"{ErrorMessage.UNAUTHORIZED}\n", [("WWW-Authenticate", 'Bearer realm="deskpush"')])
 
 
 _HEALTHY = msgspec.json.encode({"status": "ok"})
+_READY = msgspec.json.encode({"status": "ready"})
 
 
 class Site:
@@ -89,12 +95,25 @@ class Site:
         self.static_dir = static_dir
 
     def respond(self, path: str) -> Response:
-        if path == "/healthz":
+        if path == "/healthz" or path == "/livez":
             # Up and listening, nothing more: it answers anyone, so it shows no counts (``stats``).
+            # /livez: the same answer, under the name probes expect (the process serves HTTP).
             return response(HTTPStatus.OK, _HEALTHY, "application/json", [("Cache-Control", "no-store")])
         if self.demo:
             return self._static(path)
         return plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+
+    def readiness(self, not_ready: str | None) -> Response:
+        """``GET /readyz``: 200 when this node takes new sessions, else 503 saying why (``not_ready``).
+
+        RFC 9110 section 15.6.4: 503 "indicates that the server is currently
+        unable to handle the request due to a temporary overload or scheduled
+        maintenance": a load balancer stops sending clients here.
+        """
+        if not_ready is None:
+            return response(HTTPStatus.OK, _READY, "application/json", [("Cache-Control", "no-store")])
+        return response(HTTPStatus.SERVICE_UNAVAILABLE, msgspec.json.encode({"status": not_ready}),
+                        "application/json", [("Cache-Control", "no-store")])
 
     def stats(self, figures: Mapping[str, int]) -> Response:
         """``GET /stats`` for an authenticated integrator: ``figures`` as JSON."""

@@ -64,7 +64,7 @@ async def test_serve_with_no_arguments_prints_what_to_connect_with_and_stops_cle
                 except Exception:
                     break
         assert code == 0
-        assert agent.close_code == 1001
+        assert agent.close_code == 1012  # SIGTERM drains: service restart
         log = (await proc.stderr.read()).decode()
         # One INFO line per outcome, carrying the ids.
         line = next(ln for ln in log.splitlines() if "outcome" in ln)

@@ -273,7 +273,7 @@ def test_configuration_md_cli_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert commands == ["serve", "token", "notify"]
+    assert commands == ["serve", "token", "notify", "reload"]
     for command in commands:
         assert f"### deskpush {command}" in text, command
         with pytest.raises(SystemExit):
