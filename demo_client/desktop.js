@@ -237,6 +237,7 @@ function setPhase(phase, text) {
   $("retry-btn").hidden = phase !== "reconnecting";
   document.body.dataset.connection = phase;
   for (const card of cards.values()) updateButtons(card);
+  renderEmpty();
 }
 
 function connect() {
@@ -451,6 +452,7 @@ function onWelcome(frame) {
   $("status").title = `Connected as ${state.agentId}`;
   $("agent-id").textContent = state.agentId;
   $("agent-avatar").textContent = initials(state.agentId);
+  $("agent-avatar").title = state.agentId;
   $("agent").hidden = false;
   // welcome.displayed lists the offers the replay brings right after it (the
   // server always sends it): a card not listed ended while we were away.
@@ -651,8 +653,23 @@ function removeCard(id) {
   }
 }
 
+// What the main area says with no card in it: "no offers" only when that is
+// known, i.e. while connected. Offline, an empty list means nothing, and an
+// agent waiting for work must not take it for a quiet queue.
+const EMPTY_TEXT = {
+  connected: ["No offers right now", "New chats and calls routed to you appear here."],
+  connecting: ["Connecting…", "New chats and calls routed to you appear here once connected."],
+  reconnecting: ["Connection lost", "Offers cannot reach you until the connection is back. Reconnecting…"],
+};
+
 function renderEmpty() {
-  $("empty").hidden = cards.size > 0 || state.phase === "replaced";
+  const empty = $("empty");
+  empty.hidden = cards.size > 0 || state.phase === "replaced";
+  const phase = state.phase === "connecting" && state.attempt ? "reconnecting" : state.phase;
+  const [title, text] = EMPTY_TEXT[phase] || EMPTY_TEXT.connecting;
+  empty.dataset.state = phase;
+  if ($("empty-title").textContent !== title) $("empty-title").textContent = title;
+  if ($("empty-text").textContent !== text) $("empty-text").textContent = text;
 }
 
 function formatRemaining(ms) {

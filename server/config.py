@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -143,6 +144,9 @@ class Config(_Section):
             raise ConfigError(f"integrator key name used twice: {', '.join(dupes)} - at $.auth.integratorKeys")
         for k in self.auth.integrator_keys:
             value = k.key or (os.environ.get(k.key_env) if k.key_env else None)
+            if not value and k.key_env and not k.key:
+                raise ConfigError(f"integrator key {k.name!r}: keyEnv names {k.key_env}, which is not set "
+                                  "(or empty) in the environment - at $.auth.integratorKeys")
             if not value:
                 raise ConfigError(f"integrator key {k.name!r} has no key (set key or keyEnv) - at $.auth.integratorKeys")
             keys[k.name] = _long_enough(value, f"integrator key {k.name!r}", " - at $.auth.integratorKeys")
@@ -211,7 +215,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     try:
         config = msgspec.toml.decode(data, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}{_where_it_belongs(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     names = [t.name for t in config.templates]
@@ -224,6 +228,30 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config
+
+
+def _sections() -> list[tuple[str, type[msgspec.Struct]]]:
+    """Every table of the file, as written in TOML, with its Struct."""
+    return [("the top level", Config), ("[server]", ServerSection), ("[auth]", AuthSection),
+            ("[limits]", Limits), ("[[auth.integratorKeys]]", ApiKey), ("[[templates]]", Template)]
+
+
+def _where_it_belongs(message: str) -> str:
+    """For an unknown key, the section(s) that have it: a key put in the wrong table is the usual cause.
+
+    Compared without case or underscores, so ``queue_limit`` is found as ``queueLimit``.
+    """
+    m = re.search(r"unknown field `([^`]+)`", message)
+    if not m:
+        return ""
+    key = m.group(1)
+    wanted = key.replace("_", "").replace("-", "").lower()
+    homes = []
+    for section, struct in _sections():
+        for field in msgspec.structs.fields(struct):
+            if field.encode_name.lower() == wanted:
+                homes.append(f"{field.encode_name} in {section}")
+    return f" (did you mean {' or '.join(homes)}?)" if homes else ""
 
 
 def ephemeral_secret() -> str:

@@ -282,7 +282,7 @@ async def test_banner_prints_no_token_unless_demo_with_a_run_only_secret(tmp_pat
     assert not re.search(r"eyJ[\w-]*\.[\w-]+\.[\w-]+", out) and "token=" not in out, out  # no JWT anywhere
     assert "listening on ws://127.0.0.1:" in out
     if secret:
-        assert "deskpush token AGENT_ID" in out
+        assert "-m deskpush.server token AGENT_ID" in out  # as it was started: it runs as pasted
     else:
         assert "none can be issued" in out and "set DESKPUSH_JWT_SECRET" in out
     assert ("agent desktop:" in out) == demo
