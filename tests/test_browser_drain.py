@@ -47,6 +47,8 @@ async def test_desktop_says_server_restarting_after_1012_and_comes_back(browser:
         await expect(page.locator("#status-text")).to_have_text("Connected")
         await expect(page.locator(".card")).to_have_count(1)
         await expect(card(page, nid).get_by_role("button", name="Accept: New chat request")).to_be_enabled()
-        assert not page.errors, page.errors
+        # While the server drains (503) and is down (refused), Chromium logs each
+        # failed handshake of the desktop's retries: expected, and nothing else is.
+        assert [e for e in page.errors if "WebSocket connection to" not in e] == [], page.errors
     finally:
         await srv2.close()
