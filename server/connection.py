@@ -282,6 +282,12 @@ class Connection(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> None:
+        if self._buf and self.protocol.state is OPEN:
+            # The start of a frame that will never be completed: websockets
+            # sees it as it would have byte by byte (an invalid opcode in
+            # it fails the connection with 1002 before the EOF counts).
+            buf, self._buf = self._buf, b""
+            self._feed(buf)
         self.protocol.receive_eof()
         self._send_protocol_data()
         # Returning None closes the transport: the WebSocket has its own
@@ -323,7 +329,15 @@ class Connection(asyncio.Protocol):
         protocol = self.protocol
         head = buf[:end]
         line = _REQUEST_LINE.match(head)
-        method = line[1] if line is not None else b"GET"  # not HTTP: websockets says so
+        if line is None:
+            # RFC 9112 section 3: "Recipients of an invalid request-line SHOULD
+            # respond with a 400 (Bad Request) error". websockets would parse
+            # a method that is no token (G\x00T) as one it passes on.
+            self._respond(protocol.reject(HTTPStatus.BAD_REQUEST, "Bad Request: invalid request line\n"))
+            if end < len(buf):
+                self._feed(buf[end:])
+            return
+        method = line[1]
         if method == b"HEAD":
             # RFC 9110 section 9.3.2: "identical to GET except that the server
             # MUST NOT send content in the response". websockets parses GETs only.
