@@ -13,8 +13,13 @@ loop (only ``call_later``/``call_at``/``time``; pings are off) and a handler
 that accepts the handshake and records each message its session is given.
 The reference is a bare ``ServerProtocol`` used as its documentation says a
 server uses it: the request head, ``accept()`` and ``send_response()``, then
-every byte after the head in one ``receive_data()``, then ``receive_eof()``;
-its messages are its data frames from ``events_received()``, fragments joined.
+every byte after the head, one ``receive_data()`` each with its events handled
+before the next, then ``receive_eof()``; its messages are its data frames
+from ``events_received()``, fragments joined. Where deskpush adds a rule of
+its own on top of websockets, failing a message that is not UTF-8 with 1007
+(RFC 6455 section 8.1; websockets' sans-I/O layer leaves that to its caller),
+the reference applies the same rule; whether deskpush has it is asked of its
+``Connection`` first (``utf8_rule``) and reported.
 
 For each stream (an upgrade request followed by generated frames, see
 ``strategies.frame_streams``), deskpush's side runs once per split point (the
@@ -160,7 +165,16 @@ def deskpush_side(pieces: list[bytes], options: ConnectionOptions = OPTIONS) -> 
 # websockets' side: ServerProtocol alone
 
 
-def websockets_side(stream: bytes) -> Observed:
+def websockets_side(stream: bytes, utf8: tuple[bool, bool] = (False, False)) -> Observed:
+    """A bare ``ServerProtocol`` fed the stream a byte at a time, its events handled after each byte.
+
+    ``utf8`` (text, binary): fail a message that is not UTF-8 with 1007, as
+    deskpush does on top of websockets once it checks that (websockets'
+    sans-I/O layer does not; its asyncio layer does, for text, when it
+    decodes). Handling the events after each byte is what an application
+    does that reacts to each event before reading on: nothing after a
+    message that fails the connection is read.
+    """
     p = ServerProtocol(max_size=MAX_SIZE)
     end = stream.index(b"\r\n\r\n") + 4
     p.receive_data(stream[:end])
@@ -170,23 +184,38 @@ def websockets_side(stream: bytes) -> Observed:
     assert head.endswith(b"\r\n\r\n")
     messages: list[bytes] = []
     fragments: list[bytes] | None = None
+    first: Opcode | None = None
     out: list[bytes] = []
-    ended = False
+    ended = failed = False
+
+    def message(data: bytes, opcode: Opcode) -> None:
+        nonlocal failed
+        if failed:
+            return
+        if utf8[0 if opcode is Opcode.TEXT else 1]:
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                p.fail(1007, f"{exc.reason} at position {exc.start}")
+                failed = True
+                return
+        messages.append(data)
 
     def drain() -> None:
-        nonlocal fragments, ended
+        nonlocal fragments, first, ended
         for e in p.events_received():
             if not isinstance(e, Frame):
                 continue
             if e.opcode in (Opcode.TEXT, Opcode.BINARY):
                 if e.fin:
-                    messages.append(bytes(e.data))
+                    message(bytes(e.data), e.opcode)
                 else:
-                    fragments = [bytes(e.data)]
+                    fragments, first = [bytes(e.data)], e.opcode
             elif e.opcode is Opcode.CONT and fragments is not None:
                 fragments.append(bytes(e.data))
                 if e.fin:
-                    messages.append(b"".join(fragments))
+                    assert first is not None
+                    message(b"".join(fragments), first)
                     fragments = None
         for data in p.data_to_send():
             if data:
@@ -194,13 +223,25 @@ def websockets_side(stream: bytes) -> Observed:
             else:
                 ended = True
 
-    if end < len(stream):
-        p.receive_data(stream[end:])
+    for i in range(end, len(stream)):
+        p.receive_data(stream[i:i + 1])
         drain()
     if not ended:
         p.receive_eof()
         drain()
     return Observed(tuple(messages), b"".join(out), ended or p.close_expected())
+
+
+def utf8_rule() -> tuple[bool, bool]:
+    """Whether this deskpush fails a message that is not UTF-8 (text, binary), asked of its Connection."""
+    from .wire import frame
+
+    def fails(opcode: int) -> bool:
+        got = deskpush_side([REQUEST + frame(b"\xff", opcode, key=b"abcd")])
+        return not got.messages and got.written[:2] == b"\x88" + bytes([len(got.written) - 2]) \
+            and got.written[2:4] == (1007).to_bytes(2, "big")
+
+    return fails(1), fails(2)
 
 
 # --------------------------------------------------------------------------
@@ -225,13 +266,13 @@ class DiffResult:
     closes: dict[str, int] = field(default_factory=dict)
 
 
-def check_stream(case: Case, result: DiffResult) -> None:
+def check_stream(case: Case, result: DiffResult, utf8: tuple[bool, bool] = (False, False)) -> None:
     stream = REQUEST + case.data
     errors = _Errors()
     ws_log = logging.getLogger("websockets")
     ws_log.addHandler(errors)
     try:
-        want = websockets_side(stream)
+        want = websockets_side(stream, utf8)
         splits = [[stream[:k], stream[k:]] for k in range(1, len(stream))]
         splits += [[stream], [stream[i:i + 1] for i in range(len(stream))]]
         result.streams += 1
@@ -280,15 +321,16 @@ def _show(o: Observed) -> str:
 def run_differential(n: int, seed: int) -> dict[str, Any]:
     """``n`` generated streams, each checked at every split."""
     result = DiffResult()
+    utf8 = utf8_rule()
 
     @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate], derandomize=False,
               suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False)
     @hypothesis_seed(seed)
     @given(frame_streams(flood=False, big=MAX_SIZE + 20, most=5))
     def test(case: Case) -> None:
-        check_stream(case, result)
+        check_stream(case, result, utf8)
 
     test()
     return {"streams": result.streams, "runs": result.runs, "bytes": result.bytes,
             "mismatches": result.mismatches[:10], "mismatch_count": len(result.mismatches),
-            "closes": dict(sorted(result.closes.items(), key=lambda kv: -kv[1]))}
+            "closes": dict(sorted(result.closes.items(), key=lambda kv: -kv[1])), "utf8_rule": utf8}

@@ -138,6 +138,8 @@ def fuzz_checks(fz: dict[str, Any] | None, df: dict[str, Any] | None) -> list[tu
              f"{df['streams']:,}, {df['runs']:,}, {df['bytes']:,}", "", None),
             ("differential: how websockets ended them", ", ".join(f"{k} {v}" for k, v in df["closes"].items()), "",
              None),
+            ("differential: deskpush's own rule, a message that is not UTF-8 fails with 1007 (text, binary)",
+             " / ".join("yes" if x else "no" for x in df["utf8_rule"]), "", None),
             ("differential: streams where deskpush differs from websockets", n(df["mismatch_count"]), "0",
              df["mismatch_count"] == 0),
         ]
