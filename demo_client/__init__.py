@@ -11,12 +11,14 @@ integrators is ``deskpush.client.Integrator``::
 """
 
 from .integrator import (
-    LOST_DETAILS,
+    RESUME_NOW,
     CIFError,
     Integrator,
     IntegratorConnectionError,
     IntegratorError,
+    OutcomeUnknownError,
     Reconnect,
+    Resumed,
     Status,
     UnauthorizedError,
 )
@@ -26,8 +28,10 @@ __all__ = [
     "Integrator",
     "IntegratorConnectionError",
     "IntegratorError",
-    "LOST_DETAILS",
+    "OutcomeUnknownError",
+    "RESUME_NOW",
     "Reconnect",
+    "Resumed",
     "Status",
     "UnauthorizedError",
 ]

@@ -222,6 +222,33 @@ async function send(ev) {
   }
 }
 
+// cif.js's connection, as the pill in the top bar shows it. Offers still
+// pending stay pending across a drop; cif.js reconnects by itself.
+function showConnection(change) {
+  const pill = $("connection");
+  let text;
+  let state = change.state;
+  if (state === "connected") {
+    text = "Connected";
+    if (change.complete === false) setMessage(`Reconnected, but earlier outcomes could not be recovered: ${change.details}`);
+  } else if (state === "connecting") {
+    text = "Connecting…";
+  } else if (state === "reconnecting") {
+    const secs = Math.ceil(change.delayMs / 1000);
+    text = `Reconnecting (${change.pending} pending)${secs > 1 ? ` in ${secs} s` : "…"}`;
+  } else if (change.unauthorized) {
+    state = "rejected";
+    text = "API key rejected";
+  } else {
+    state = "idle";
+    text = "Not connected";
+  }
+  pill.dataset.state = state;
+  $("connection-text").textContent = text;
+}
+
+CIFramework.addHandler("onConnectionStateChange", showConnection);
+
 CIFramework.addHandler("onNotifyEventStatus", (status) => {
   const row = rows.get(status.cancellationToken);
   if (row && !row.done) setChip(row, status.state, "live");

@@ -23,7 +23,7 @@ from .engine import (
     Send,
     State,
 )
-from .engine import SavedNotification, Snapshot
+from .engine import SNAPSHOT_VERSIONS, SavedNotification, Snapshot
 from .templates import BUILTIN_TEMPLATES, FieldTemplate, Template
 from .vocabulary import AgentErrorCode, CloseCode, Closing, ErrorMessage, MsdynName
 
@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "SavedNotification",
     "Send",
+    "SNAPSHOT_VERSIONS",
     "Snapshot",
     "State",
     "Template",

@@ -94,13 +94,13 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template
+from .templates import Renderer, Template, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
@@ -138,6 +138,7 @@ __all__ = [
     "SavedOutcome",
     "SavedHistory",
     "OutcomeClock",
+    "SNAPSHOT_VERSIONS",
 ]
 
 Conn = Hashable
@@ -183,6 +184,8 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     outcome_history: Annotated[int, Meta(ge=0)] = 100_000
     outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
+    #: Bytes of a notification's rendered title and fields, as JSON; a bigger one is refused.
+    max_notification_bytes: Annotated[int, Meta(ge=1)] = 16 * 1024
 
 
 class State(enum.Enum):
@@ -366,7 +369,7 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
     template: Template
     title: str
     fields: tuple[f.Field, ...]
-    state: str
+    state: Literal["queued", "displayed"]
     deadline: float
     frame: f.Notification | None = None
 
@@ -374,7 +377,7 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
 class SavedOutcome(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
     """An outcome in an integrator's history, as kept across a restart."""
 
-    outcome_id: str
+    outcome_id: f.OutcomeId
     request_id: str
     agent_id: str
     action_name: str
@@ -386,8 +389,12 @@ class SavedHistory(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
     """An integrator's history of outcomes, oldest first."""
 
     integrator: str
-    forgotten: str = ""
+    forgotten: Annotated[str, Meta(pattern=r"^([0-9]{13}-[0-9]{6})?$")] = ""  # an outcomeId, or "" for none
     outcomes: tuple[SavedOutcome, ...] = ()
+
+
+# The snapshot versions ``Engine.restore`` takes; ``snapshot`` writes the last.
+SNAPSHOT_VERSIONS = (1, 2)
 
 
 class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
@@ -395,15 +402,22 @@ class Snapshot(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
 
     Version 1 had no histories; ``history_start`` is where the engine's
     histories begin (the first start without a snapshot), ``last_outcome_id``
-    the newest outcomeId issued.
+    the newest outcomeId issued. Decoded from JSON, every field is checked
+    (a state, an outcomeId), so what ``restore`` gets cannot make it fail
+    half-way; a version it does not know is refused before anything else.
     """
 
     version: int = 2
     saved_at: float = 0.0
     notifications: tuple[SavedNotification, ...] = ()
-    history_start: str | None = None
-    last_outcome_id: str | None = None
+    history_start: f.OutcomeId | None = None
+    last_outcome_id: f.OutcomeId | None = None
     histories: tuple[SavedHistory, ...] = ()
+
+
+#: Why a frame or a parameter nested deeper than msgspec's recursive decoder
+#: and encoder go is refused (about 1,000 levels, under Python's recursion limit).
+TOO_DEEP = "JSON nested too deeply"
 
 
 def _notify_error(request_id: str, message: ErrorMessage, details: str = "") -> f.IntegratorError:
@@ -734,7 +748,24 @@ class Engine:
             out.append(Send((conn,), _notify_error(rid, ErrorMessage.AGENT_NOT_CONNECTED,
                                                    f"agent {frame.agent_id!r} is not connected")))
             return
-        title, fields = render(inp.template_parameters)
+        try:
+            title, fields = render(inp.template_parameters)
+        except RecursionError:
+            # A parameter that is not a string is rendered as JSON, by a
+            # recursive encoder a few calls deeper in the stack than the
+            # decoder that took it in: nested just short of what decodes, it
+            # may not encode. The same refusal as JSON too deep to decode.
+            out.append(Send((conn,), _notify_error(rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                                                   f"{TOO_DEEP} - at $.input.templateParameters")))
+            return
+        limit = self.limits.max_notification_bytes
+        size = rendered_size_over(title, fields, limit)
+        if size:
+            out.append(Send((conn,), _notify_error(
+                rid, ErrorMessage.REJECT_AFTER_CLIENT,
+                f"the rendered notification (title and fields) is {size} bytes, over "
+                f"limits.maxNotificationBytes ({limit}) - at $.input.templateParameters")))
+            return
         n = _Notification(
             id=self._new_id(),
             agent=agent,
@@ -1060,7 +1091,14 @@ class Engine:
         history until a resuming connection (or a retried notifyEvent) claims
         them. A deadline that passed while the server was down fires at the
         next ``handle_timer``. Call it before any other event.
+
+        Raises:
+            ValueError: ``snapshot.version`` is not one of ``SNAPSHOT_VERSIONS``
+                (nothing is taken back).
         """
+        if snapshot.version not in SNAPSHOT_VERSIONS:
+            raise ValueError(f"snapshot version {snapshot.version} is not one this server reads "
+                             f"({', '.join(map(str, SNAPSHOT_VERSIONS))})")
         out: list[Effect] = []
         if snapshot.history_start is not None and self._history_start is None:
             self._history_start = snapshot.history_start

@@ -8,6 +8,8 @@ Rendering fills each ``{slug}`` from ``templateParameters``. A slug the integrat
 did not give renders as the empty string, and a field whose value renders empty
 is left out, so CIF's example (empty parameters) still shows a clean card.
 Values are untrusted text: clients must display them as text, never as HTML.
+What a card renders to is bounded (``limits.maxNotificationBytes``, measured by
+``rendered_size_over``): every session of the agent is sent it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from msgspec import Meta
 
 from .frames import Field
 
-__all__ = ["FieldTemplate", "Template", "BUILTIN_TEMPLATES", "Renderer", "render_text", "render_fields"]
+__all__ = [
+    "FieldTemplate", "Template", "BUILTIN_TEMPLATES", "Renderer", "render_text", "render_fields", "rendered_size_over",
+]
 
 _SLUG = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
@@ -120,6 +124,25 @@ class Renderer:
             if value:
                 fields.append(Field(header=header, value=value))
         return self.title(params), tuple(fields)
+
+
+def rendered_size_over(title: str, fields: tuple[Field, ...], limit: int) -> int:
+    """The bytes of ``title`` and ``fields`` as JSON if that is more than ``limit``, else 0.
+
+    Every session of the agent is sent the card, so its size is bounded
+    apart from the frame's (``server.maxSize``): a few short parameters can
+    fill a long template many times over. JSON takes at most 6 bytes for a
+    character (``\\u001f``), and a field at most 25 more (``{"header":"",
+    "value":""},``), so only a card within 6 times the limit is encoded to
+    know: the usual one costs a few ``len()``.
+    """
+    chars = len(title)
+    for field in fields:
+        chars += len(field.header) + len(field.value)
+    if 6 * chars + 25 * len(fields) + 4 <= limit:
+        return 0
+    size = len(msgspec.json.encode(title)) + len(msgspec.json.encode(fields))
+    return size if size > limit else 0
 
 
 def _t(name: str, title: str, icon: str, fields: list[tuple[str, str]], **kw: Any) -> Template:

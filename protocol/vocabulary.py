@@ -125,6 +125,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # the server is shutting down
     PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (websockets' reason)
     ABNORMAL_CLOSURE = 1006  # no close frame: the TCP connection was aborted
+    INVALID_DATA = 1007  # a message that is not UTF-8 (RFC 6455 section 8.1; JSON is UTF-8)
     POLICY_VIOLATION = 1008  # over the rate limit
     MESSAGE_TOO_BIG = 1009  # a frame over server.maxSize (websockets' reason)
     INTERNAL_ERROR = 1011

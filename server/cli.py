@@ -25,7 +25,16 @@ from typing import Any
 
 import msgspec
 
-from ..client import LOST_DETAILS, CIFError, Integrator, IntegratorError, Status, UnauthorizedError
+from ..client import (
+    CIFError,
+    Integrator,
+    IntegratorError,
+    OutcomeUnknownError,
+    Reconnect,
+    Resumed,
+    Status,
+    UnauthorizedError,
+)
 from . import __version__, logs
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load
 
@@ -67,18 +76,24 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
     import anyio
 
     from .app import DeskpushServer
+    from .state import StateFileError
 
     log = logging.getLogger("deskpush")
     srv = DeskpushServer(config, jwt_secret=secret, api_keys=keys)
-    try:
-        await srv.start()
-    except OSError as exc:
-        print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
-              file=sys.stderr)
-        raise SystemExit(1) from None
-    print(banner(srv.port, secret), flush=True)
-    _tune_gc()
+    # Signals are taken from before the start: a SIGTERM as soon as the server
+    # listens (the state file already taken back) must still save it.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            await srv.start()
+        except StateFileError as exc:
+            print(f"deskpush: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as exc:
+            print(f"deskpush: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        print(banner(srv.port, secret), flush=True)
+        _tune_gc()
         async with anyio.create_task_group() as tg:
 
             async def wait_signal() -> None:
@@ -90,7 +105,11 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
             tg.start_soon(wait_signal)
             tg.start_soon(srv.serve_forever)
         with anyio.CancelScope(shield=True):
-            await srv.close()
+            try:
+                await srv.close()
+            except StateFileError as exc:
+                log.error("%s", exc)
+                raise SystemExit(1) from None
     log.info("stopped")
 
 
@@ -163,8 +182,25 @@ def _outcome_line(value: Mapping[str, Any]) -> str:
     return f"{value.get('actionName')}/{value.get('responseReason')}"
 
 
+#: How long ``deskpush notify`` keeps reconnecting after a drop, by default:
+#: long enough for a server restart or a rolling deploy.
+NOTIFY_RECONNECT_TIMEOUT = 60.0
+
+
+def notify_reconnect_policy(timeout: float) -> Reconnect | None:
+    """Reconnect for ``timeout`` seconds after a drop, however many attempts (0: not at all).
+
+    Attempts start quickly (a network blip) and back off to one every 2 s at
+    most (a restarting server is back within seconds of listening again).
+    """
+    if timeout <= 0:
+        return None
+    return Reconnect(attempts=None, timeout=timeout, initial=0.1, maximum=2.0)
+
+
 async def _notify_main(args: argparse.Namespace) -> int:
     err = sys.stderr
+    reconnect_timeout = getattr(args, "reconnect_timeout", NOTIFY_RECONNECT_TIMEOUT)
     params = dict(args.param or [])
     cancel_after = getattr(args, "cancel_after", None)
     token = args.cancellation_token
@@ -177,7 +213,23 @@ async def _notify_main(args: argparse.Namespace) -> int:
         extra = f" cancellationToken={status.cancellation_token}" if status.state == "queued" else ""
         print(f"{status.state}: notificationId={status.notification_id}{extra}", file=err, flush=True)
 
-    async with Integrator(args.url, args.api_key, agent_id=args.agent) as ig:
+    lost = False
+
+    def on_lost(what: str) -> None:
+        nonlocal lost
+        lost = True
+        print(f"{what}; reconnecting for up to {reconnect_timeout:g} s", file=err, flush=True)
+
+    def on_resumed(resumed: Resumed) -> None:
+        # The first connection's resumed is the start, not news.
+        if not lost:
+            return
+        gap = "" if resumed.complete else f"; outcomes may be missing: {resumed.details}"
+        print(f"reconnected and resumed: {resumed.count} outcome(s) replayed{gap}", file=err, flush=True)
+
+    async with Integrator(args.url, args.api_key, agent_id=args.agent,
+                          reconnect=notify_reconnect_policy(reconnect_timeout),
+                          on_lost=on_lost, on_resumed=on_resumed) as ig:
         print(f"notifyEvent: template {args.template} to agent {args.agent} via {ig.url}", file=err, flush=True)
         notify = asyncio.ensure_future(ig.notify_event(
             notify_input, args.correlation_id, token, on_status=on_status))
@@ -225,19 +277,35 @@ def cmd_notify(args: argparse.Namespace) -> int:
     JSON (and, with ``--cancel-after``, a ``cancel: {...}`` line with the
     cancelEvent's value). Exit status: 0 for an outcome, 1 when the server
     refused the request, 2 for connection or authentication problems.
+
+    The first connection must open; after that the command survives drops
+    and server restarts: it reconnects for up to ``--reconnect-timeout``
+    seconds (default 60) and resumes (protocol v1.1), so the outcome still
+    arrives, without a second offer to the agent. If the server cannot tell
+    (it restarted without ``server.stateFile``, or forgot the outcome), the
+    command says ``OutcomeUnknownError`` and exits with 2.
     """
     prog = "deskpush notify"
     if not args.api_key:
         print(f"{prog}: no API key: pass --api-key or set {API_KEY_ENV} "
               "(deskpush serve prints the integrator key)", file=sys.stderr)
         return 2
+    # The command says itself what happens to the connection (on_lost,
+    # on_resumed); without a handler, the SDK's own warnings would reach
+    # stderr a second time through logging's last resort.
+    sdk_log = logging.getLogger("deskpush.integrator")
+    if not sdk_log.handlers:
+        sdk_log.addHandler(logging.NullHandler())
     try:
         return _run(functools.partial(_notify_main, args))
+    except OutcomeUnknownError as exc:
+        # Refused by nobody: the connection broke and the outcome cannot be
+        # learnt any more. A connection problem; the offer may still be live.
+        token = f"; cancel it with cancellationToken {exc.cancellation_token}" if exc.cancellation_token else ""
+        print(f"{prog}: {exc.message}: {exc.details}; the notification may still be pending on the server{token}",
+              file=sys.stderr)
+        return 2
     except CIFError as exc:
-        if exc.details == LOST_DETAILS:
-            # Refused by nobody: the connection broke. A connection problem.
-            print(f"{prog}: {LOST_DETAILS}", file=sys.stderr)
-            return 2
         print(f"error: {exc.message} ({exc.msdyn_name}): {exc.details}", file=sys.stderr)
         return 1
     except UnauthorizedError as exc:
@@ -285,7 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttl", type=float, default=12 * 3600, help="seconds the token is valid (default 12 h)")
     t.set_defaults(func=cmd_token)
 
-    n = sub.add_parser("notify", help="send one notifyEvent and print its outcome")
+    n = sub.add_parser(
+        "notify", help="send one notifyEvent and print its outcome",
+        description="Send one notifyEvent and wait for its outcome: progress on stderr, the outcome on stdout. "
+                    "A dropped connection or a server restart is waited out: the command reconnects for up to "
+                    "--reconnect-timeout seconds and resumes, so the outcome still arrives (protocol v1.1). "
+                    "Exit status: 0 outcome, 1 refused by the server, 2 connection or authentication problem "
+                    "(including OutcomeUnknownError: the server could no longer tell the outcome).")
     n.add_argument("--url", default=os.environ.get("DESKPUSH_URL", "ws://127.0.0.1:8765/integrator"))
     n.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"integrator API key (or {API_KEY_ENV})")
     n.add_argument("--agent", required=True, help="target agent id")
@@ -294,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--cancellation-token")
     n.add_argument("--correlation-id")
     n.add_argument("--cancel-after", type=float, help="send cancelEvent after this many seconds")
+    n.add_argument("--reconnect-timeout", type=float, default=NOTIFY_RECONNECT_TIMEOUT, metavar="SECONDS",
+                   help="after a drop, keep reconnecting this long, e.g. through a server restart "
+                        f"(default {NOTIFY_RECONNECT_TIMEOUT:g}; 0: fail at once)")
     n.set_defaults(func=cmd_notify)
     return p
 

@@ -24,13 +24,28 @@ deskpush parses frame *headers* itself (RFC 6455 section 5.2), so it always
 knows where a frame ends, and handles the frame that is nearly all the
 traffic: complete, masked, final, text or binary, no reserved bits, within
 ``max_size``, outside a fragmented message. It unmasks it and hands the
-message to the session, in the loop iteration that read it. Any other frame
+message to the session, in the loop iteration that read it. websockets'
+sans-I/O layer does not check that a message is UTF-8 (its asyncio layer
+does, when it decodes), so every message, from either path, is checked on
+its way to the session: one that is not UTF-8 fails the connection with 1007. Any other frame
 is fed to websockets whole, from its first byte to its last, so websockets'
 parser only ever sees whole frames and is always at a frame boundary when
 deskpush parses the next header. The request is fed to it the same way: up
 to the blank line that ends it, nothing more. Once websockets has started
 closing (it received or sent a close frame, or failed the connection), every
 byte goes to it.
+
+HTTP methods are deskpush's to check, before websockets sees the request
+(websockets 15 closes the connection without an answer on any method but
+GET): GET is the handshake or a plain request; HEAD is answered as the same
+GET would be, without the body, and never opens a WebSocket; any other method
+gets 405. Every answer that is not the 101 carries ``http_headers`` (the
+server's security headers) on top of its own, and closes the connection:
+deskpush answers the first request of a connection only. Pipelined requests
+behind it are read and discarded until the client closes (``close_timeout``
+at most), as RFC 9112 section 9.6 asks of a server that sends
+``Connection: close``; closing at once, with them unread, would make the
+kernel reset the connection and could destroy the answer in flight.
 
 Outgoing, deskpush frames its own server-to-client text frames
 (``text_frame``) and queues them; ``flush()`` writes the queue with one
@@ -41,18 +56,21 @@ the frames already queued, since nothing may follow a close frame.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, cast
 
 from websockets import ServerProtocol
+from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ..protocol.vocabulary import CLOSE_INTERNAL_ERROR, CLOSE_KEEPALIVE_TIMEOUT
+from ..protocol.vocabulary import CLOSE_INTERNAL_ERROR, CLOSE_KEEPALIVE_TIMEOUT, CloseCode
 
 __all__ = ["Connection", "ConnectionOptions", "Handler", "Session", "text_frame", "unmask"]
 
@@ -68,6 +86,12 @@ _PING = struct.Struct("!I").pack
 # A request whose head is not complete after this many bytes is refused
 # (websockets' own limits allow more, but no browser or SDK sends that much).
 MAX_REQUEST_HEAD = 64 * 1024
+# RFC 9112 section 3: request-line = method SP request-target SP HTTP-version;
+# RFC 9110 section 5.6.2: method = token (case-sensitive, section 9.1).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/[0-9]\.[0-9]\r\n")
+#: The methods deskpush answers (RFC 9110 section 9.1: "All general-purpose
+#: servers MUST support the methods GET and HEAD"); the WebSocket handshake is a GET.
+ALLOWED_METHODS = "GET, HEAD"
 
 
 def text_frame(data: bytes) -> bytes:
@@ -96,6 +120,13 @@ def unmask(data: bytes, mask: bytes) -> bytes:
         spread = _SPREAD[n] = int.from_bytes(b"\1\0\0\0" * ((n + 3) >> 2), "little"), (1 << (8 * n)) - 1
     repeat, keep = spread
     return ((int.from_bytes(data, "little") ^ int.from_bytes(mask, "little") * repeat) & keep).to_bytes(n, "little")
+
+
+def _without_upgrade(request: Request) -> Request:
+    """``request`` without the headers that ask for a WebSocket (for a HEAD, answered as such a GET)."""
+    headers = Headers((name, value) for name, value in request.headers.raw_items()
+                      if name.lower() not in ("upgrade", "connection"))
+    return Request(request.path, headers)
 
 
 # Per message length, for the common short messages: the multiplier that
@@ -142,6 +173,8 @@ class ConnectionOptions:
     #: Bytes that may wait in the write buffer; past it the client is too slow and is dropped.
     outbound_limit: int = 1024 * 1024
     server_header: str = "deskpush"
+    #: Headers every plain HTTP answer (anything but the 101) carries, unless it sets its own.
+    http_headers: tuple[tuple[str, str], ...] = ()
 
 
 class Connection(asyncio.Protocol):
@@ -281,7 +314,23 @@ class Connection(asyncio.Protocol):
         self._buf = b""
         self._reading_request = False
         protocol = self.protocol
-        protocol.receive_data(buf[:end])
+        head = buf[:end]
+        line = _REQUEST_LINE.match(head)
+        method = line[1] if line is not None else b"GET"  # not HTTP: websockets says so
+        if method == b"HEAD":
+            # RFC 9110 section 9.3.2: "identical to GET except that the server
+            # MUST NOT send content in the response". websockets parses GETs only.
+            head = b"GET" + head[4:]
+        elif method != b"GET":
+            # RFC 9110 section 15.5.6: "The origin server MUST generate an Allow
+            # header field in a 405 response". websockets never sees the request.
+            response = protocol.reject(HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+            response.headers["Allow"] = ALLOWED_METHODS
+            self._respond(response)
+            if end < len(buf):
+                self._feed(buf[end:])  # a body, or more requests: websockets discards them
+            return
+        protocol.receive_data(head)
         for event in protocol.events_received():
             if isinstance(event, Request):
                 self.request = event
@@ -295,7 +344,12 @@ class Connection(asyncio.Protocol):
             response = protocol.reject(HTTPStatus.INTERNAL_SERVER_ERROR,
                                        "Failed to open a WebSocket connection.\nSee server log for more information.\n")
         if response is None:
-            response = protocol.accept(self.request)
+            if method == b"HEAD":  # never a 101: what a GET that asks for no upgrade gets (426)
+                response = protocol.accept(_without_upgrade(self.request))
+            else:
+                response = protocol.accept(self.request)
+        if method == b"HEAD":
+            response = dataclasses.replace(response, body=b"")  # its Content-Length stays the GET's
         self._respond(response)
         if protocol.state is OPEN:
             self._opened()
@@ -308,7 +362,12 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:  # answered in time
             self._timer.cancel()
             self._timer = None
-        response.headers["Server"] = self.options.server_header
+        headers = response.headers
+        if response.status_code != 101:
+            for name, value in self.options.http_headers:
+                if name not in headers:
+                    headers[name] = value
+        headers["Server"] = self.options.server_header
         self.protocol.send_response(response)
         self._send_protocol_data()
 
@@ -421,6 +480,20 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None or self.protocol.state is not OPEN:
             return
+        if not data.isascii():  # nearly every message is ASCII: one quick scan, no decode
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                # RFC 6455 section 8.1: "When an endpoint is to interpret a byte
+                # stream as UTF-8 but finds that the byte stream is not, in fact,
+                # a valid UTF-8 stream, that endpoint MUST _Fail the WebSocket
+                # Connection_." Every message is JSON, which is UTF-8 (RFC 8259
+                # section 8.1), so a binary one is held to it too. The reason
+                # is websockets' own for the same fault.
+                self.flush()
+                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self._send_protocol_data()
+                return
         try:
             session.message(data)
         except Exception:

@@ -33,6 +33,7 @@ import msgspec
 from websockets.http11 import Request, Response
 
 from ..protocol import Effect, Engine, Send
+from ..protocol.engine import TOO_DEEP
 from ..protocol import frames as f
 from ..protocol.vocabulary import CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, AgentErrorCode, ErrorMessage, MsdynName
 from .auth import AgentTokens, ApiKeys
@@ -44,6 +45,22 @@ from .web import plain
 __all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
 
 log = logging.getLogger("deskpush")
+
+
+def decode(decoder: msgspec.json.Decoder, data: bytes) -> Any:
+    """``decoder.decode(data)``, with JSON nested too deeply as one more ``DecodeError``.
+
+    msgspec decodes nested arrays and objects (in ``templateParameters``'
+    values, or in an unknown field it skips) recursively, under Python's
+    recursion limit: about 1,000 levels, 2 KB of ``[``, raise
+    ``RecursionError``. That is bad input like any other, not a bug of the
+    server, so it gets the endpoint's error frame (or 4401 before the hello)
+    like any frame that does not decode, and nothing is logged.
+    """
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError(TOO_DEEP) from None
 
 
 class Bucket:
@@ -121,7 +138,7 @@ class Session:
             return
         endpoint = self.endpoint
         try:
-            frame = endpoint.decoder.decode(data)
+            frame = decode(endpoint.decoder, data)
         except msgspec.MsgspecError as exc:
             self.dispatcher.apply([Send((self.conn,), endpoint.bad_frame(data, exc))])
             return
@@ -138,7 +155,7 @@ class Session:
     def _hello(self, data: bytes, now: float) -> None:
         endpoint = self.endpoint
         try:
-            hello = endpoint.decoder.decode(data)
+            hello = decode(endpoint.decoder, data)
         except msgspec.MsgspecError:
             hello = None
         identity = endpoint.authenticate(hello) if type(hello) is endpoint.hello else None
@@ -265,7 +282,7 @@ def integrator_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.IntegratorE
     name = MsdynName.NOTIFY_EVENT
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         obj = None
     if isinstance(obj, dict):
         rid = obj.get("requestId")

@@ -233,7 +233,9 @@ async def test_reject_with_keyboard(browser: Any, server: DeskpushServer, integr
 
 
 async def test_countdown_reaches_zero_and_times_out(browser: Any) -> None:
-    short = Template(name="short", title="Short offer", icon="chat", timeout=2,
+    # 4 s: a loaded machine may render the card a second or two late, and the
+    # test must still see the countdown run (0:04 or 0:03, then 0:01, then 0:00).
+    short = Template(name="short", title="Short offer", icon="chat", timeout=4,
                      fields=(FieldTemplate(header="Customer", value="{customerName}"),))
     async with DeskpushServer(config_with(short), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         page = await browser.new_page()
@@ -263,7 +265,7 @@ async def test_countdown_reaches_zero_and_times_out(browser: Any) -> None:
         rid = await ig.notify("agent-7", template="short", params={"customerName": "Ann"})
         nid = await ig.displayed(rid)
         c = card(page, nid)
-        await expect(c.locator(".countdown")).to_have_text("0:02")
+        await expect(c.locator(".countdown")).to_have_text(re.compile(r"^0:0[34]$"))
         await expect(c.locator(".countdown")).to_have_text("0:01")
         await expect(c.locator(".countdown")).to_have_text("0:00")
         await expect(c).to_have_class(re.compile(r"\bis-expired\b"))
@@ -686,6 +688,439 @@ async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushSer
     await expect(row.locator(".state-chip")).to_have_text("Accept / Accept")
     await expect(row.get_by_role("button")).to_have_count(0)
     assert page.errors == [] and desktop.errors == []
+
+
+# ---------------------------------------------------------------------------
+# cif.js on the wire: v1.1 resume, with the test playing the server
+#
+# Playwright's WebSocket routing answers cif.js's /integrator connections
+# here, frame by frame, so each rule of the client (what it sends, when, and
+# how it settles its promises) is checked exactly, whatever the server does.
+# The tests further down run the same client against a real server.
+
+
+def oid(n: int) -> str:
+    """An outcomeId: 13 digits, "-", 6 digits."""
+    return f"1764460800123-{n:06d}"
+
+
+class WireConn:
+    """One cif.js connection, answered by the test."""
+
+    def __init__(self, route: Any) -> None:
+        self.route = route
+        self.frames: list[dict[str, Any]] = []
+        route.on_message(lambda message: self.frames.append(json.loads(message)))
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.route.send(json.dumps(frame))
+
+    def resumed(self, last: str, complete: bool = True, count: int = 0, details: str = "") -> None:
+        frame: dict[str, Any] = {"type": "resumed", "count": count, "complete": complete, "lastOutcomeId": last}
+        if details:
+            frame["details"] = details
+        self.send(frame)
+
+    async def frame(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame of type ``kind`` (frames before it of other types are an error)."""
+        deadline = time.monotonic() + timeout * UNIT
+        while not self.frames:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {kind} frame")
+            await asyncio.sleep(0.01)
+        frame = self.frames.pop(0)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def nothing(self, seconds: float = 0.3) -> None:
+        await asyncio.sleep(seconds)
+        assert self.frames == [], self.frames
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self.route.close(code=code, reason=reason)
+
+
+class Wire:
+    """Every /integrator connection of a page, in the order cif.js opened them."""
+
+    def __init__(self) -> None:
+        self.conns: list[WireConn] = []
+
+    async def install(self, page: Any) -> None:
+        await page.route_web_socket("**/integrator", lambda route: self.conns.append(WireConn(route)))
+
+    async def conn(self, n: int, timeout: float = 5.0) -> WireConn:
+        """The n-th connection (1-based), once cif.js has opened it."""
+        await eventually(lambda: len(self.conns) >= n, True, timeout)
+        return self.conns[n - 1]
+
+
+CIF_HARNESS = """() => {
+    window.__settled = {};
+    window.__states = [];
+    window.__call = (name, promise) => promise.then(
+        (value) => { window.__settled[name] = {value}; },
+        (error) => { window.__settled[name] = {error}; });
+    Microsoft.CIFramework.addHandler("onConnectionStateChange", (s) => window.__states.push(s));
+}"""
+
+
+async def cif_page(browser: Any, srv: DeskpushServer, wire: Wire | None = None) -> Any:
+    """The integrator page with cif.js configured, calls tracked (``call``, ``settled``)."""
+    page = await browser.new_page()
+    watch(page)
+    if wire is not None:
+        await wire.install(page)
+    await page.goto(f"http://127.0.0.1:{srv.port}/integrator.html")
+    await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+    await page.evaluate(CIF_HARNESS)
+    await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    return page
+
+
+async def call(page: Any, name: str, expr: str) -> None:
+    """Start a cif.js call; its outcome lands in ``settled(page, name)``."""
+    await page.evaluate(f"() => {{ window.__call({name!r}, {expr}); }}")
+
+
+async def settled(page: Any, name: str, timeout: float = 5.0) -> dict[str, Any]:
+    """{"value": ...} or {"error": ...}, once the call has settled."""
+    await eventually(lambda: page.evaluate(f"{name!r} in window.__settled"), True, timeout)
+    return await page.evaluate(f"window.__settled[{name!r}]")
+
+
+async def unsettled(page: Any, *names: str) -> bool:
+    return not await page.evaluate(f"{list(names)!r}.some((n) => n in window.__settled)")
+
+
+async def states(page: Any) -> list[str]:
+    return await page.evaluate("window.__states.map((s) => s.state)")
+
+
+NOTIFY = "Microsoft.CIFramework.notifyEvent({templateName: 'msdyn_chat_transfer', templateParameters: {}})"
+ACCEPTED = {"actionName": "Accept", "responseReason": "Accept"}
+
+
+async def test_cif_waits_for_resumed_then_resends_after_a_drop(browser: Any, server: DeskpushServer) -> None:
+    wire = Wire()
+    page = await cif_page(browser, server, wire)
+    await call(page, "n1", NOTIFY)
+    c1 = await wire.conn(1)
+    assert await c1.frame("hello") == {"type": "hello", "apiKey": API_KEY, "resumeAfter": "$"}
+    await c1.nothing()  # nothing goes out before `resumed`
+    c1.resumed(oid(0))
+    r1 = (await c1.frame("notifyEvent"))["requestId"]
+    c1.send({"type": "status", "requestId": r1, "notificationId": "n-1", "cancellationToken": "t-1",
+             "state": "displayed"})
+    # Ready: a new call goes out at once; its result's outcomeId is remembered.
+    await call(page, "n2", NOTIFY)
+    r2 = (await c1.frame("notifyEvent"))["requestId"]
+    assert r2 != r1
+    c1.send({"type": "result", "requestId": r2, "value": ACCEPTED, "outcomeId": oid(2)})
+    assert await settled(page, "n2") == {"value": {"value": ACCEPTED}}
+
+    # 1012 (service restart): an ordinary drop. n1 stays pending; cif.js
+    # comes back by itself and resumes after the last outcome it saw.
+    await c1.close(1012, "restart")
+    c2 = await wire.conn(2)
+    assert await c2.frame("hello") == {"type": "hello", "apiKey": API_KEY, "resumeAfter": oid(2)}
+    assert await unsettled(page, "n1")
+    await call(page, "n3", NOTIFY)  # made while resuming: waits for `resumed`
+    await c2.nothing()
+    # The replay: n1 ended while the page was away; an outcome of another
+    # page of the same key (its requestId is not ours) only moves the position.
+    c2.send({"type": "result", "requestId": r1, "value": ACCEPTED, "outcomeId": oid(3)})
+    c2.send({"type": "result", "requestId": "someone-else", "value": ACCEPTED, "outcomeId": oid(4)})
+    assert await settled(page, "n1") == {"value": {"value": ACCEPTED}}
+    c2.resumed(oid(4), count=2)
+    # n1 is answered, so only n3 goes out.
+    r3 = (await c2.frame("notifyEvent"))["requestId"]
+    await c2.nothing()
+    c2.send({"type": "result", "requestId": r3, "value": ACCEPTED, "outcomeId": oid(5)})
+    assert await settled(page, "n3") == {"value": {"value": ACCEPTED}}
+    # A requestId settles once, and an older outcomeId (the answer to a
+    # request sent again after it ended) does not move the position back.
+    c2.send({"type": "result", "requestId": r1, "value": {"actionName": "Reject", "responseReason": "x"},
+             "outcomeId": oid(3)})
+    assert await settled(page, "n1") == {"value": {"value": ACCEPTED}}
+
+    # A request sent and unanswered when the connection drops (1001, going
+    # away) is sent again after a complete resume, with the same requestId.
+    await call(page, "n4", NOTIFY)
+    n4 = await c2.frame("notifyEvent")
+    await c2.close(1001)
+    c3 = await wire.conn(3)
+    assert (await c3.frame("hello"))["resumeAfter"] == oid(5)
+    c3.resumed(oid(5))
+    assert await c3.frame("notifyEvent") == n4
+    c3.send({"type": "result", "requestId": n4["requestId"], "value": ACCEPTED, "outcomeId": oid(6)})
+    assert await settled(page, "n4") == {"value": {"value": ACCEPTED}}
+
+    assert await states(page) == ["connecting", "connected", "reconnecting", "connected", "reconnecting",
+                                  "connected"]
+    reconnecting = (await page.evaluate("window.__states"))[2]
+    assert reconnecting["code"] == 1012 and reconnecting["pending"] == 1
+    assert 125 <= reconnecting["delayMs"] <= 250  # the first step, 250 ms, with equal jitter
+    assert page.errors == []
+
+
+async def test_cif_incomplete_history_makes_sent_notify_events_unknown(browser: Any,
+                                                                       server: DeskpushServer) -> None:
+    wire = Wire()
+    page = await cif_page(browser, server, wire)
+    await call(page, "n1", NOTIFY)
+    c1 = await wire.conn(1)
+    await c1.frame("hello")
+    c1.resumed(oid(0))
+    n1 = await c1.frame("notifyEvent")
+    await call(page, "c1", "Microsoft.CIFramework.cancelEvent('tok-9')")
+    cancel = await c1.frame("cancelEvent")
+    await c1.close(1001)
+    c2 = await wire.conn(2)
+    await c2.frame("hello")
+    await call(page, "n2", NOTIFY)  # never sent before: nothing about it is unknown
+    details = "outcomes after 1764460800123-000000 were forgotten (server restarted without stateFile)"
+    c2.resumed(oid(1), complete=False, details=details)
+    assert await settled(page, "n1") == {"error": {
+        "message": "OutcomeUnknownError", "msdyn_name": "NotifyEvent", "details": details}}
+    # The cancelEvent is sent again (always safe), then the new notifyEvent.
+    assert await c2.frame("cancelEvent") == cancel
+    n2 = await c2.frame("notifyEvent")
+    assert n2["requestId"] != n1["requestId"]
+    await c2.nothing()
+    assert await unsettled(page, "c1", "n2")
+    connected = (await page.evaluate("window.__states"))[-1]
+    assert connected == {"state": "connected", "pending": 2, "complete": False, "details": details, "replayed": 0}
+    # The next resume starts from where the server said the page stands.
+    await c2.close(1011)
+    c3 = await wire.conn(3)
+    assert (await c3.frame("hello"))["resumeAfter"] == oid(1)
+    assert page.errors == []
+
+
+async def test_cif_idle_drop_reconnects_on_the_next_call(browser: Any, server: DeskpushServer) -> None:
+    wire = Wire()
+    page = await cif_page(browser, server, wire)
+    await call(page, "n1", NOTIFY)
+    c1 = await wire.conn(1)
+    await c1.frame("hello")
+    c1.resumed(oid(0))
+    r1 = (await c1.frame("notifyEvent"))["requestId"]
+    c1.send({"type": "result", "requestId": r1, "value": ACCEPTED, "outcomeId": oid(1)})
+    await settled(page, "n1")
+    await c1.close(1001)
+    await eventually(lambda: states(page), ["connecting", "connected", "disconnected"])
+    await asyncio.sleep(0.6)
+    assert len(wire.conns) == 1  # nothing pending: no reconnect until needed
+    await call(page, "n2", NOTIFY)
+    c2 = await wire.conn(2)
+    assert (await c2.frame("hello"))["resumeAfter"] == oid(1)
+    c2.resumed(oid(1))
+    await c2.frame("notifyEvent")
+    # disconnect(): the page gives up the call; no reconnect follows.
+    await page.evaluate("Microsoft.CIFramework.disconnect()")
+    gone = await settled(page, "n2")
+    assert gone["error"]["message"] == "RejectAfterClientError" and gone["error"]["msdyn_name"] == "NotifyEvent"
+    assert "disconnected" in gone["error"]["details"]
+    await asyncio.sleep(0.6)
+    assert len(wire.conns) == 2
+    assert (await states(page))[-1] == "disconnected"
+    assert page.errors == []
+
+
+async def test_cif_too_large_then_unauthorized(browser: Any, server: DeskpushServer) -> None:
+    """1009 rejects the request that caused it, the others are resumed; 4401 rejects everything."""
+    wire = Wire()
+    page = await cif_page(browser, server, wire)
+    await call(page, "small", NOTIFY)
+    c1 = await wire.conn(1)
+    await c1.frame("hello")
+    c1.resumed(oid(0))
+    small = await c1.frame("notifyEvent")
+    await call(page, "big", "Microsoft.CIFramework.notifyEvent({templateName: 'msdyn_chat_transfer', "
+                            "templateParameters: {comment: 'x'.repeat(70000)}})")
+    await c1.frame("notifyEvent")
+    await c1.close(1009, "frame with 70130 bytes exceeds limit of 65536 bytes")
+    big = await settled(page, "big")
+    assert big["error"]["message"] == "RejectAfterClientError" and "too large" in big["error"]["details"]
+    c2 = await wire.conn(2)
+    await c2.frame("hello")
+    c2.resumed(oid(0))
+    assert await c2.frame("notifyEvent") == small
+    await c2.nothing()
+    # The key was revoked meanwhile.
+    await c2.close(1001)
+    c3 = await wire.conn(3)
+    await c3.frame("hello")
+    await c3.close(4401, "unauthorized")
+    assert await settled(page, "small") == {"error": {
+        "message": "UnauthorizedError", "msdyn_name": "NotifyEvent", "details": "the server rejected the API key"}}
+    await asyncio.sleep(0.6)
+    assert len(wire.conns) == 3
+    last = (await page.evaluate("window.__states"))[-1]
+    assert last["state"] == "disconnected" and last["unauthorized"] is True
+    assert page.errors == []
+
+
+async def test_cif_gives_up_on_a_connection_that_never_resumes(browser: Any, server: DeskpushServer) -> None:
+    """Opened, hello sent, no `resumed`: after 10 s it counts as a drop, and the call waits for the next one."""
+    wire = Wire()
+    page = await browser.new_page()
+    watch(page)
+    await page.clock.install()
+    await wire.install(page)
+    await page.goto(f"http://127.0.0.1:{server.port}/integrator.html")
+    await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+    await page.evaluate(CIF_HARNESS)
+    await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+    # The installed clock still runs with real time; stop it so that only run_for moves it.
+    await page.clock.pause_at(await page.evaluate("Date.now()") + 1000)
+    await call(page, "n1", NOTIFY)
+    c1 = await wire.conn(1)
+    await c1.frame("hello")
+    await page.clock.run_for(9900)
+    assert await states(page) == ["connecting"]
+    await page.clock.run_for(200)
+    dropped = (await page.evaluate("window.__states"))[-1]
+    assert dropped["state"] == "reconnecting" and "no resumed" in dropped["reason"], dropped
+    await page.clock.run_for(dropped["delayMs"] + 10)
+    c2 = await wire.conn(2)
+    assert (await c2.frame("hello"))["resumeAfter"] == "$"
+    c2.resumed(oid(0))
+    r1 = (await c2.frame("notifyEvent"))["requestId"]
+    c2.send({"type": "result", "requestId": r1, "value": ACCEPTED, "outcomeId": oid(1)})
+    assert await settled(page, "n1") == {"value": {"value": ACCEPTED}}
+    assert page.errors == []
+
+
+# ---------------------------------------------------------------------------
+# cif.js against a real server that restarts
+
+
+def socket_noise(errors: list[str]) -> list[str]:
+    """The page's errors but Chromium's own lines for a WebSocket that could not connect."""
+    return [e for e in errors if "WebSocket connection to" not in e]
+
+
+@pytest.mark.parametrize("order", ["resend", "replay"])
+async def test_cif_example_settles_across_a_server_restart(browser: Any, tmp_path: Path, order: str) -> None:
+    """CIF's own example, pending while the server restarts with its stateFile, gets its real outcome.
+
+    ``resend``: cif.js is back before the agent answers; it sends the
+    notifyEvent again with its requestId, which claims the restored offer (no
+    second card) and gets its result. ``replay``: the agent answers while
+    cif.js is still away; the outcome waits in the key's history and comes
+    back in the replay before ``resumed``.
+    """
+    state_file = tmp_path / "state.json"
+    srv = DeskpushServer(restart_config(0, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv.start()
+    port = srv.port
+    blocked = False
+
+    async def gate(route: Any) -> None:
+        # While blocked, cif.js's connections are refused as by a restarting server.
+        if blocked:
+            await route.close(code=1012, reason="blocked by the test")
+        else:
+            route.connect_to_server()
+
+    try:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await browser.new_page()
+        watch(page)
+        logged: list[Any] = []
+
+        async def on_console(msg: Any) -> None:
+            if msg.type == "log":
+                logged.append(await msg.args[0].json_value() if msg.args else msg.text)
+
+        page.on("console", on_console)
+        await page.route_web_socket("**/integrator", gate)
+        await page.goto(f"http://127.0.0.1:{srv.port}/integrator.html")
+        await page.wait_for_function("window.Microsoft && window.Microsoft.CIFramework")
+        await page.evaluate(CIF_HARNESS)
+        await page.evaluate(f"Microsoft.CIFramework.configure({{apiKey: {API_KEY!r}, agentId: 'agent-1'}})")
+        example = asyncio.create_task(page.evaluate(CIF_EXAMPLE))
+        await expect(desktop.locator(".card")).to_have_count(1)
+        nid = await desktop.locator(".card").get_attribute("data-notification-id")
+        pill = page.locator("#connection")
+        await expect(pill).to_have_attribute("data-state", "connected")
+        blocked = order == "replay"
+    finally:
+        await srv.close()  # 1001 to every connection; the pending offer goes to the state file
+    await expect(pill).to_have_attribute("data-state", "reconnecting")
+    await expect(pill).to_contain_text("1 pending")
+    assert not example.done() and logged == []
+
+    srv2 = DeskpushServer(restart_config(port, state_file), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv2.start()
+    try:
+        await expect(desktop.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        accept = card(desktop, nid).get_by_role("button", name="Accept: New chat request")
+        if order == "resend":
+            await expect(pill).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+            # The same offer, once: the resent notifyEvent made no second one.
+            await expect(desktop.locator(".card")).to_have_count(1)
+            await expect(accept).to_be_enabled()
+            await accept.click()
+        else:
+            await accept.click()
+            await expect(card(desktop, nid)).to_have_count(0)
+            await asyncio.sleep(0.3)
+            assert not example.done()
+            blocked = False
+            await expect(pill).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        await asyncio.wait_for(example, 10 * UNIT)
+        await eventually(lambda: logged, [{"value": {"actionName": "Accept", "responseReason": "Accept"}}])
+        await expect(desktop.locator(".card")).to_have_count(0)
+        await asyncio.sleep(0.3)
+        await expect(desktop.locator(".card")).to_have_count(0)  # and no second offer after it
+        resumed = await page.evaluate("window.__states.filter((s) => s.state === 'connected')")
+        assert [s["complete"] for s in resumed] == [True, True], resumed
+        if order == "replay":
+            assert resumed[-1]["replayed"] == 1
+        assert socket_noise(page.errors) == []
+    finally:
+        await srv2.close()
+
+
+async def test_cif_outcome_unknown_after_a_restart_without_state(browser: Any) -> None:
+    """Restarted without stateFile, the server cannot vouch for the pending offer: OutcomeUnknownError."""
+    srv = DeskpushServer(restart_config(0), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv.start()
+    port = srv.port
+    try:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await cif_page(browser, srv)
+        await call(page, "n1", "Microsoft.CIFramework.notifyEvent("
+                               "{templateName: 'msdyn_chat_incoming_unauthenticated', templateParameters: {}})")
+        await expect(desktop.locator(".card")).to_have_count(1)
+    finally:
+        await srv.close()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    assert await unsettled(page, "n1")
+
+    srv2 = DeskpushServer(restart_config(port), jwt_secret=SECRET, api_keys={"crm": API_KEY})
+    await srv2.start()
+    try:
+        error = (await settled(page, "n1", timeout=15))["error"]
+        assert error["message"] == "OutcomeUnknownError" and error["msdyn_name"] == "NotifyEvent"
+        connected = (await page.evaluate("window.__states"))[-1]
+        assert connected["state"] == "connected" and connected["complete"] is False
+        assert error["details"] == connected["details"] and error["details"], error  # the server's words
+        await expect(page.locator("#form-message")).to_contain_text("could not be recovered")
+        # The offer was not sent again: the desktop, back too, shows nothing.
+        await expect(desktop.locator("#status")).to_have_attribute("data-state", "connected", timeout=15000 * UNIT)
+        await expect(desktop.locator(".card")).to_have_count(0)
+        # The next call goes through on the resumed connection.
+        await call(page, "n2", "Microsoft.CIFramework.notifyEvent("
+                               "{templateName: 'msdyn_chat_incoming_unauthenticated', templateParameters: {}})")
+        await desktop.locator(".card").get_by_role("button", name="Accept: New chat request").click()
+        assert await settled(page, "n2") == {"value": {"value": {"actionName": "Accept", "responseReason": "Accept"}}}
+        assert socket_noise(page.errors) == []
+    finally:
+        await srv2.close()
 
 
 # ---------------------------------------------------------------------------

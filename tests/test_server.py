@@ -405,7 +405,8 @@ async def test_flooding_agent_is_closed_and_others_are_not_affected():
 async def test_slow_agent_is_dropped_without_stalling_others():
     config = Config(
         server=ServerSection(host="127.0.0.1", port=0, outbound_limit=64 * 1024),
-        limits=Limits(display_limit=1000, queue_limit=0, presence_grace=60),
+        # 60 KB cards, past the default maxNotificationBytes, fill its buffer quickly.
+        limits=Limits(display_limit=1000, queue_limit=0, presence_grace=60, max_notification_bytes=64 * 1024),
     )
     async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         # The slow desktop stops reading after its welcome.
@@ -438,13 +439,50 @@ def http_get(port: int, path: str) -> tuple[int, dict, bytes]:
         return exc.code, dict(exc.headers), exc.read()
 
 
+def http_get_with(port: int, path: str, authorization: str | None) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
 async def test_healthz_and_static_files(server):
+    agent, _ = await open_agent(server)
     status, headers, body = await asyncio.to_thread(http_get, server.port, "/healthz")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert msgspec.json.decode(body)["status"] == "ok"
+    # A bare status: it answers anyone, so no counts.
+    assert msgspec.json.decode(body) == {"status": "ok"}
     for path in ("/../server/app.py", "/app.py", "/nope.html", "/.hidden.js"):
         status, _, _ = await asyncio.to_thread(http_get, server.port, path)
         assert status == 404, path
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", "Bearer"])
+async def test_stats_need_an_integrator_key(server, authorization):
+    status, headers, body = await asyncio.to_thread(http_get_with, server.port, "/stats", authorization)
+    assert status == 401 and body == b"UnauthorizedError\n"
+    assert headers["WWW-Authenticate"] == 'Bearer realm="deskpush"'
+
+
+async def test_stats_with_an_integrator_key_show_the_counts(server):
+    agent, _ = await open_agent(server)
+    ig = await open_integrator(server)
+    await offer(server, ig, agent)
+    status, headers, body = await asyncio.to_thread(http_get_with, server.port, "/stats?x=1", f"Bearer {API_KEY}")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    figures = msgspec.json.decode(body)
+    # The same figures in-process (less the HTTP request's connection, which may be gone by now).
+    now = server.statistics()
+    assert {k: v for k, v in figures.items() if k != "connections"} == {k: v for k, v in now.items() if k != "connections"}
+    assert figures["agentSessions"] == 1 and figures["integrators"] == 1 and figures["displayed"] == 1
+    # Two WebSockets, and the HTTP request itself.
+    assert figures["connections"] == 3 and figures["refusedOutOfFds"] == 0 and figures["acceptPauses"] == 0
+    assert figures["openFilesLimit"] > 0
 
 
 async def test_shutdown_closes_agents_with_1001(server):
