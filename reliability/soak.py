@@ -53,7 +53,7 @@ from typing import Any
 import msgspec
 
 from .proc import ServerProcess, agent_token
-from .wire import Client
+from .wire import Client, Proxy
 
 __all__ = ["SoakParams", "run_soak", "soak_config"]
 
@@ -69,7 +69,8 @@ class SoakParams:
     agents: int = 2000
     offer_rate: float = 100.0  # notifyEvents per second, all integrators together
     churn_per_minute: float = 0.10  # share of the agents that leave (and come back) each minute
-    integrators: int = 2
+    integrators: int = 2  # speaking the protocol themselves
+    sdk: bool = True  # and one more on the Python SDK, through a proxy that cuts it
     cut_every: float = 30.0  # seconds between cuts of each integrator's connection
     presence_grace: float = 3.0
     short_timeout: float = 2.0
@@ -290,6 +291,17 @@ class Integrator:
         if self.resumed and self.client is not None and self.last != "$":
             self.client.send({"type": "ack", "outcomeId": self.last})
 
+    def duplicates(self) -> list[str]:
+        """notifyEvents answered with two outcomeIds, or with a result and an error."""
+        return [rid for rid, oids in self.results.items() if len(set(oids)) > 1 or self.errors.get(rid)]
+
+    def lost(self) -> list[str]:
+        return list(self.pending)
+
+    async def close(self) -> None:
+        self.stop = True
+        self.cut(abrupt=False)
+
     def message(self, client: Client, data: bytes) -> None:
         m = decode(data)
         t = m["type"]
@@ -336,20 +348,148 @@ class Integrator:
             self.stray.append(f"unexpected frame {t}")
 
 
+class SdkIntegrator:
+    """An integrator on the Python SDK (``deskpush.client.Integrator``), which resumes on its own.
+
+    Its connection runs through a ``wire.Proxy``, since the SDK owns its
+    socket: a cut resets both legs. The SDK settles each call once, so what
+    it is measured by: every call settles with the outcome or a refusal (an
+    ``OutcomeUnknownError`` or a gave-up error counts as lost); ``on_outcome``
+    sees every distinct outcome, so one requestId with two outcomeIds, or one
+    outcomeId for two requestIds, shows there; and the agents' side as for
+    the others.
+    """
+
+    def __init__(self, port: int, name: str, key: str) -> None:
+        self.port, self.name, self.key = port, name, key
+        self.proxy = Proxy(port)
+        self.ig: Any = None
+        self.pending: dict[str, None] = {}  # our requestId (the correlationId) -> a call not settled yet
+        self.kind: dict[str, str] = {}
+        self.results: dict[str, list[str]] = {}  # our requestId -> [a stand-in id for its one value]
+        self.outcomes: dict[str, tuple[str, str]] = {}
+        self.owners: dict[str, set[str]] = defaultdict(set)  # outcomeId -> the SDK's requestIds
+        self.by_request: dict[str, set[str]] = defaultdict(set)  # the SDK's requestId -> outcomeIds
+        self.cancel_answers: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.errors: dict[str, list[str]] = defaultdict(list)
+        self.unknown: list[str] = []  # OutcomeUnknownError: the SDK says it cannot know
+        self.gave_up: list[str] = []  # IntegratorConnectionError
+        self.stray: list[str] = []
+        self.cuts: Counter[str] = Counter()
+        self.resumes: list[tuple[int, bool]] = []
+        self.incomplete: list[str] = []
+        self.dropped: Counter[str] = Counter()
+        self.sent = 0
+        self.resent = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.stack: Any = None
+
+    @property
+    def connects(self) -> int:
+        return self.ig.connects if self.ig is not None else 0
+
+    @property
+    def resumed(self) -> bool:
+        return self.ig is not None and self.ig.connected
+
+    async def start(self) -> None:
+        from contextlib import AsyncExitStack
+
+        from deskpush.client import Integrator as Sdk
+        from deskpush.client import Reconnect
+
+        await self.proxy.start()
+
+        def on_outcome(request_id: str, value: dict, outcome_id: str) -> None:
+            self.owners[outcome_id].add(request_id)
+            self.by_request[request_id].add(outcome_id)
+
+        def on_resumed(r: Any) -> None:
+            self.resumes.append((r.count, r.complete))
+            if not r.complete:
+                self.incomplete.append(r.details)
+
+        self.stack = AsyncExitStack()
+        self.ig = await self.stack.enter_async_context(Sdk(
+            f"ws://127.0.0.1:{self.proxy.port}/integrator", self.key, on_outcome=on_outcome, on_resumed=on_resumed,
+            reconnect=Reconnect(attempts=None, timeout=120.0, initial=0.05, maximum=1.0)))
+
+    def duplicates(self) -> list[str]:
+        return [rid for rid, oids in self.by_request.items() if len(oids) > 1]
+
+    def lost(self) -> list[str]:
+        return list(self.pending) + self.unknown + self.gave_up
+
+    def request(self, rid: str, frame: dict, kind: str) -> None:
+        self.pending[rid] = None
+        self.kind[rid] = kind
+        self.sent += 1
+        task = asyncio.ensure_future(self._call(rid, frame, kind))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _call(self, rid: str, frame: dict, kind: str) -> None:
+        from deskpush.client import CIFError, IntegratorConnectionError, OutcomeUnknownError
+
+        try:
+            if kind == "notify":
+                value = await self.ig.notify_event(frame["input"], correlation_id=frame["correlationId"],
+                                                   cancellation_token=frame["cancellationToken"],
+                                                   agent_id=frame["agentId"], progress=frame["progress"])
+                self.results[rid] = [f"sdk:{rid}"]
+                self.outcomes[f"sdk:{rid}"] = (value["actionName"], value["responseReason"])
+            else:
+                value = await self.ig.cancel_event(frame["cancellationToken"])
+                self.cancel_answers[rid].append((value["actionName"], value["responseReason"]))
+        except OutcomeUnknownError:
+            self.unknown.append(rid)
+        except IntegratorConnectionError:
+            self.gave_up.append(rid)
+        except CIFError as err:
+            self.errors[rid].append(err.message)
+        finally:
+            self.pending.pop(rid, None)
+
+    def cut(self, abrupt: bool) -> None:
+        if self.proxy.cut(abrupt):
+            self.cuts["reset" if abrupt else "FIN"] += 1
+
+    async def connect(self) -> None:
+        pass  # the SDK reconnects on its own
+
+    def ack(self) -> None:
+        if self.ig is not None and self.ig.connected and self.ig.last_outcome_id:
+            task = asyncio.ensure_future(self.ig.ack())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.stack is not None:
+            await self.stack.aclose()
+        await self.proxy.close()
+
+
 # --------------------------------------------------------------------------
 # The run
 
 
-def health(port: int) -> dict[str, Any]:
-    """The engine's counts from /healthz, where this server still reports them there (else {})."""
+def health(port: int, key: str) -> dict[str, Any]:
+    """The engine's counts: ``GET /stats`` with an integrator key, or ``/healthz`` on a server before /stats."""
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            body = msgspec.json.decode(r.read())
-    except (OSError, msgspec.DecodeError):
-        return {}
-    return {k: v for k, v in body.items() if k != "status"} if isinstance(body, dict) else {}
+    for path in ("/stats", "/healthz"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                body = msgspec.json.decode(r.read())
+        except (OSError, msgspec.DecodeError):
+            continue
+        counts = {k: v for k, v in body.items() if k != "status"} if isinstance(body, dict) else {}
+        if counts:
+            return counts
+    return {}
 
 
 def slope(samples: list[tuple[float, float]]) -> float:
@@ -368,13 +508,16 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
     loop = asyncio.get_running_loop()
     plans: dict[str, Plan] = {}
     agents = Agents(srv.port, p.agents, plans)
-    integrators = [Integrator(srv.port, name, key, bearer=(i % 2 == 0)) for i, (name, key) in enumerate(keys.items())]
+    integrators: list[Any] = [Integrator(srv.port, name, key, bearer=(i % 2 == 0))
+                              for i, (name, key) in enumerate(keys.items()) if name != "soak-sdk"]
+    if "soak-sdk" in keys:
+        integrators.append(SdkIntegrator(srv.port, "soak-sdk", keys["soak-sdk"]))
     idle_fds = srv.fds()
     t_connect = time.monotonic()
     for b in range(0, p.agents, p.burst):
         await asyncio.gather(*(agents.connect(k) for k in range(b, min(p.agents, b + p.burst))))
     for ig in integrators:
-        await ig.connect()
+        await (ig.start() if isinstance(ig, SdkIntegrator) else ig.connect())
     connect_s = time.monotonic() - t_connect
     await asyncio.sleep(1.0)
     say(f"soak: {p.agents} agents and {len(integrators)} integrators connected in {connect_s:.1f} s; "
@@ -455,7 +598,7 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
             agents.leave(k, abrupt)
             returns.append(asyncio.ensure_future(come_back(k, after)))
 
-    async def cuts(ig: Integrator, phase: float) -> None:
+    async def cuts(ig: Any, phase: float) -> None:
         await nap(phase)
         while time.monotonic() < end:
             ig.cut(abrupt=rng.random() < 0.5)
@@ -480,11 +623,11 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
     await asyncio.gather(sampler(), offers(), churn(), acks(), progress(),
                          *(cuts(ig, p.cut_every * (i + 1) / (len(integrators) + 1)) for i, ig in enumerate(integrators)))
     ran_s = time.monotonic() - t0
-    counts = health(srv.port)
+    counts = health(srv.port, next(iter(keys.values())))
     # Drain: every agent back, every integrator connected, until nothing is pending.
     await asyncio.gather(*returns, return_exceptions=True)
     for ig in integrators:
-        if ig.client is None:
+        if not ig.resumed:
             await ig.connect()
     drain_start = time.monotonic()
     told = drain_start
@@ -511,8 +654,7 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
     end_rss, end_fds = srv.rss_mib(), srv.fds()
     connected_sessions = sum(1 for s in agents.sessions if s is not None and s.open_now)
     for ig in integrators:
-        ig.stop = True
-        ig.cut(abrupt=False)
+        await ig.close()
     agents.close_all()
     await asyncio.sleep(2.0)
     after_fds = srv.fds()
@@ -527,16 +669,15 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
     return out
 
 
-def summarise(p: SoakParams, srv: ServerProcess, agents: Agents, integrators: list[Integrator],
+def summarise(p: SoakParams, srv: ServerProcess, agents: Agents, integrators: list[Any],
               samples: list[tuple[float, float, int]], ran_s: float, drain_s: float, connect_s: float,
               idle_fds: int, end_rss: float, end_fds: int, after_fds: int, connected: int) -> dict[str, Any]:
     notify = [(ig, rid) for ig in integrators for rid, k in ig.kind.items() if k == "notify"]
     cancels = [(ig, rid) for ig in integrators for rid, k in ig.kind.items() if k == "cancel"]
-    lost = [rid for ig in integrators for rid in ig.pending]
+    lost = [rid for ig in integrators for rid in ig.lost()]
     results = sum(1 for ig, rid in notify if ig.results.get(rid))
     refused = Counter(ig.errors[rid][0] for ig, rid in notify if ig.errors.get(rid) and not ig.results.get(rid))
-    dup_request = [rid for ig, rid in notify
-                   if len(set(ig.results.get(rid, ()))) > 1 or (ig.results.get(rid) and ig.errors.get(rid))]
+    dup_request = [rid for ig in integrators for rid in ig.duplicates()]
     redelivered = sum(len(ig.results[rid]) - len(set(ig.results[rid])) for ig, rid in notify if ig.results.get(rid))
     dup_outcome = [oid for ig in integrators for oid, rids in ig.owners.items() if len(rids) > 1]
     second_offers = [corr for corr, nids in agents.offered.items() if len(nids) > 1]
@@ -561,7 +702,8 @@ def summarise(p: SoakParams, srv: ServerProcess, agents: Agents, integrators: li
     rs = [(t / 60.0, rss) for t, rss, _ in samples if t >= min(p.warmup, ran_s / 4)]
     return {
         "params": {"seconds": p.seconds, "agents": p.agents, "offerRate": p.offer_rate,
-                   "churnPerMinute": p.churn_per_minute, "integrators": len(integrators), "cutEvery": p.cut_every,
+                   "churnPerMinute": p.churn_per_minute, "integrators": len(integrators),
+                   "sdk": any(isinstance(ig, SdkIntegrator) for ig in integrators), "cutEvery": p.cut_every,
                    "presenceGrace": p.presence_grace, "shortTimeout": p.short_timeout, "caps": p.caps},
         "ran_s": ran_s, "drain_s": drain_s, "connect_s": connect_s,
         "requests": sum(ig.sent for ig in integrators),
@@ -574,6 +716,8 @@ def summarise(p: SoakParams, srv: ServerProcess, agents: Agents, integrators: li
         "agent_dropped": dict(agents.dropped), "agent_failed_connects": dict(agents.failed_connects),
         "integrator_connects": sum(ig.connects for ig in integrators),
         "integrator_cuts": dict(sum((ig.cuts for ig in integrators), Counter())),
+        "sdk_unknown": [rid for ig in integrators if isinstance(ig, SdkIntegrator) for rid in ig.unknown],
+        "sdk_gave_up": [rid for ig in integrators if isinstance(ig, SdkIntegrator) for rid in ig.gave_up],
         "integrator_dropped": dict(sum((ig.dropped for ig in integrators), Counter())),
         "resent": sum(ig.resent for ig in integrators),
         "resumes": sum(len(ig.resumes) for ig in integrators),
@@ -596,8 +740,14 @@ def run_soak(p: SoakParams, tmp: Path, seed: int, say: Any = print) -> dict[str,
     """Start a server, run the soak against it, stop it; the figures and what they show."""
     import uvloop
 
+    import logging
+
+    # The SDK says each drop on its logger; the run counts them itself.
+    logging.getLogger("deskpush.integrator").setLevel(logging.ERROR)
     rng = random.Random(f"soak-{seed}")
-    keys = {f"soak-{c}": f"soak-key-{c}-{rng.getrandbits(128):032x}" for c in "ab"[:p.integrators]}
+    keys = {f"soak-{c}": f"soak-key-{c}-{rng.getrandbits(128):032x}" for c in "abcdefgh"[:p.integrators]}
+    if p.sdk:
+        keys["soak-sdk"] = f"soak-key-sdk-{rng.getrandbits(128):032x}"
     srv = ServerProcess(tmp, "soak", soak_config(p, keys)).start()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -30,7 +30,7 @@ from websockets.frames import Close
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-__all__ = ["Client", "ClientClosed", "SyncClient", "Seen", "frame", "mask"]
+__all__ = ["Client", "ClientClosed", "Proxy", "SyncClient", "Seen", "frame", "mask"]
 
 encode = msgspec.json.encode
 decode = msgspec.json.decode
@@ -406,3 +406,110 @@ class SyncClient:
                     except Exception:  # the server sent a malformed close frame: record it as such
                         seen.close_code, seen.close_reason = -1, repr(bytes(event.data))
         self.protocol.data_to_send()  # the fuzz writes its own bytes; the protocol's answers are dropped
+
+
+# --------------------------------------------------------------------------
+# A relay whose connections the run can cut, for a client whose socket it cannot reach
+
+
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close with a TCP reset (SO_LINGER 0), not a FIN."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class _Leg(asyncio.Protocol):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Leg | None = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            if not peer.transport.is_closing():
+                peer.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.pairs.discard(self)
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.close()
+
+
+class Proxy:
+    """A TCP relay from a port of its own to the server's, whose connections ``cut()`` resets.
+
+    For a client that owns its socket (the Python SDK): its connection runs
+    through the relay, and a cut resets both legs, so the client sees what a
+    dropped network gives it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.pairs: set[_Leg] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Proxy:
+        loop = asyncio.get_running_loop()
+
+        def accept() -> _Leg:
+            down = _Leg(self)
+            self.pairs.add(down)
+            asyncio.ensure_future(self._connect(down))
+            return down
+
+        self.server = await loop.create_server(accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _connect(self, down: _Leg) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, up = await loop.create_connection(lambda: _Leg(self), "127.0.0.1", self.upstream_port)
+        except OSError:
+            _reset(down.transport)
+            return
+        up.peer, down.peer = down, up
+        for data in down.early:
+            up.transport.write(data)  # type: ignore[union-attr]
+        down.early.clear()
+
+    def cut(self, abrupt: bool = True) -> int:
+        """End every relayed connection, both legs: with resets, or with FINs; how many."""
+        n = 0
+        for down in list(self.pairs):
+            for leg in (down, down.peer):
+                if leg is not None:
+                    if abrupt:
+                        _reset(leg.transport)
+                    elif leg.transport is not None:
+                        leg.transport.close()
+            n += 1
+        self.pairs.clear()
+        return n
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
