@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .fuzz import Bystander
-from .proc import ServerProcess, agent_token
+from .proc import ServerProcess, agent_token, supported
 from .wire import Client, ClientClosed
 
 __all__ = ["run_faults", "FAULTS"]
@@ -44,7 +44,7 @@ KEYS = {"fault": "fault-key-" + "0123456789abcdef" * 2, "bystander": "bystander-
 
 
 def config(**server: Any) -> dict[str, Any]:
-    limits = server.pop("limits", {})
+    limits = {k: v for k, v in server.pop("limits", {}).items() if supported("limits", k)}
     return {"server": {"demo": False, **server},
             "auth": {"integratorKeys": [{"name": n, "key": k} for n, k in KEYS.items()]},
             "limits": {"presenceGrace": 2.0, **limits}}
@@ -448,7 +448,8 @@ FAULTS: list[tuple[str, Callable[[ServerProcess, Row], Awaitable[None]], dict[st
     ("integrator drop (TCP reset)", integrator_drop, {}, True),
     ("SIGTERM with stateFile", sigterm, {"stateFile": "STATE"}, False),
     ("SIGKILL (embedded mode)", sigkill, {"stateFile": "STATE"}, False),
-    ("slow reader", slow_reader, {"outboundLimit": 65536, "limits": {"displayLimit": 1000, "queueLimit": 1000}}, True),
+    ("slow reader", slow_reader, {"outboundLimit": 65536, "limits": {"displayLimit": 1000, "queueLimit": 1000,
+                                                                     "maxNotificationBytes": 131072}}, True),
     ("frame floods", floods, {"integratorRate": 1000.0, "integratorBurst": 2000.0}, True),
     ("connection flood", connection_flood, {"helloTimeout": 3.0}, True),
     ("fd exhaustion", fd_exhaustion, {"NOFILE": 256}, True),

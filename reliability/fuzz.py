@@ -233,6 +233,16 @@ def _ended(seen: Seen) -> str:
     return "open until the client closed" if PING_PROBE in seen.pongs else "closed without a close frame"
 
 
+def _answered(seen: Seen, case: Case) -> str:
+    """How an HTTP case ended: the status of each answer, or how it was closed without one."""
+    statuses = [str(status) for status, _, _ in parse_responses(seen.raw)]
+    if seen.hung:
+        return "hung"
+    if statuses:
+        return "HTTP " + " + ".join(statuses)
+    return "no answer, " + ("reset" if seen.reset else "closed") + ("" if case.complete else " (request cut short)")
+
+
 def ws_case(port: int, family: Family, case: Case, ctx: Context, bearer: bool, token: str,
             timeout: float) -> Seen:
     """Run one WebSocket case; what the server did."""
@@ -372,7 +382,7 @@ class Fuzz:
         else:
             bearer, which = extra
             seen = ws_case(self.srv.port, family, case, self.ctx, bearer, self.ctx.agent_tokens[which], self.p.timeout)
-        r.seen[_ended(seen)] += 1
+        r.seen[_ended(seen) if family.kind != "http" else _answered(seen, case)] += 1
         time.sleep(0.002)  # the server's log is written at the end of its loop iteration
         new = self.srv.log_since(offset)
         lines = [line for line in new.splitlines() if line and " INFO " not in line and " DEBUG " not in line]
