@@ -229,15 +229,17 @@ NOTES = """\
 - **Churn soak** (`reliability/soak.py`). 2,000 agents connect, 100 at a time; 10% of them a minute leave
   (half with a clean close, half with a TCP reset) and come back, 80% within the presence grace (3 s; their
   displayed offers are replayed and answered again) and 20% after it (their offers end
-  Reject/AgentDisconnected). Two integrators, each with its own API key, send 100 notifyEvents a second
+  Reject/AgentDisconnected). Three integrators, each with its own API key, send 100 notifyEvents a second
   between them, to agents chosen at random whether present or not; each offer's plan is drawn from the
   seed: accepted (40%) or rejected (20%) after 0.05 to 1.5 s, left to time out on a template with a 2 s
   timeout (15%), cancelled after 0.1 to 2.5 s (15%), or accepted while a cancel is sent at the same moment
-  (10%). The integrators speak protocol v1.1 as `docs/protocol.md` tells a client to (they do not use the
-  Python SDK, so that every frame is counted): one connects with `Authorization: Bearer` and
-  `?resumeAfter=`, the other with a hello carrying `resumeAfter`; every 30 s (±30%) each is reset or closed,
-  stays away 0.2 to 2 s, resumes after the last outcomeId it received, and sends every unanswered request
-  again with the same requestId; they ack every 10 s. `limits.recentOutcomes` and `limits.outcomeHistory`
+  (10%). Two integrators speak protocol v1.1 themselves, as `docs/protocol.md` tells a client to, so that
+  every frame is counted: one connects with `Authorization: Bearer` and `?resumeAfter=`, the other with a
+  hello carrying `resumeAfter`; every 30 s (±30%) each is reset or closed, stays away 0.2 to 2 s, resumes
+  after the last outcomeId it received, and sends every unanswered request again with the same requestId.
+  The third is the Python SDK (`deskpush.client.Integrator`), which does all that on its own; its
+  connection runs through a relay that resets or closes both legs on the same schedule. All ack every
+  10 s. `limits.recentOutcomes` and `limits.outcomeHistory`
   are lowered to 20 s of outcomes (2,000) so that memory reaches its steady state early and the RSS slope
   after the first minute shows a leak rather than the caps filling (with the defaults, 100,000 each, memory
   grows by design for the first 15 minutes at this rate). After the run every agent comes back, the drain
@@ -255,7 +257,10 @@ NOTES = """\
   built from `protocol/frames.py`'s Structs through `msgspec.inspect`, then mutated; raw cases are frames
   with every header field drawn, lengths up to 2^64-1, control frames, fragments, floods. Well-formed cases
   end with a ping whose pong proves the server read everything, then a close frame; every case then
-  half-closes and waits (5 s) for the server to close. Deviations are checked where the RFCs are exact: a
+  half-closes and waits (5 s) for the server to close. The failed-authentication throttle
+  (`auth.failedAuthLimit`, where the server has it) is off for the fuzz, which fails authentication on
+  purpose from one address: with it on, every later case would be refused before reaching the code it
+  targets. Deviations are checked where the RFCs are exact: a
   text message that is not UTF-8 must fail the connection with 1007 (RFC 6455 section 8.1) unless another
   limit closed it first (1002, 1008, 1009); a HEAD response has no content (RFC 9110 section 9.3.2); a
   method other than GET and HEAD is not served a page (issue 13 asks for 405). The bystander: an agent and
