@@ -54,7 +54,8 @@ from deskpush.server.connection import Connection, ConnectionOptions
 
 from .strategies import Case, frame_streams
 
-__all__ = ["ConnectionOptions", "Observed", "deskpush_side", "websockets_side", "check_stream", "run_differential", "REQUEST"]
+__all__ = ["ConnectionOptions", "Observed", "deskpush_side", "websockets_side", "utf8_rule", "check_stream",
+           "run_differential", "REQUEST"]
 
 REQUEST = (b"GET /agent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")

@@ -150,7 +150,8 @@ async def agent_drop(srv: ServerProcess, row: Row) -> None:
     while len(results) < 2:
         m = await until(ig, lambda m: m["type"] == "result", 10)
         results[m["requestId"]] = (outcome(m), time.monotonic() - t0)
-    row.check("the integrator gets Accept/Accept for the returning agent's offer", results["r-back"][0] == "Accept/Accept")
+    row.check("the integrator gets Accept/Accept for the returning agent's offer",
+              results["r-back"][0] == "Accept/Accept")
     row.check("and Reject/AgentDisconnected for the one that did not come back",
               results["r-gone"][0] == "Reject/AgentDisconnected")
     ig.send(notify("r-after", "agent-gone", progress=False))
@@ -210,7 +211,8 @@ async def integrator_drop(srv: ServerProcess, row: Row) -> None:
         m = await until(ig2, lambda m: m["type"] == "result", 15)
         got.setdefault(m["requestId"], []).append(m["outcomeId"])
     await task
-    row.check("every requestId got exactly one outcomeId", all(len(set(v)) == 1 for v in got.values()) and len(got) == 6)
+    row.check("every requestId got exactly one outcomeId",
+              all(len(set(v)) == 1 for v in got.values()) and len(got) == 6)
     row.check("no offer was made twice (each requestId shown to the agent once)", max(shown.values()) == 1
               and len(shown) == 6)
     row.saw += [f"reset with 5 offers pending and r6 in flight; the agent answered 2 meanwhile; "
@@ -437,7 +439,8 @@ async def fd_exhaustion(srv: ServerProcess, row: Row) -> None:
     row.check("the refusals are in the server's log (issue 13: log and count them, a line per second at most)",
               any(re.search(r"descriptor|too many open files|EMFILE|accept", x, re.I) for x in said))
     row.saw += [f"RLIMIT_NOFILE 256, {fds_before} fds in use: of 400 connections {len(opened)} opened "
-                f"({fds_full} fds), the rest {dict(failed)} (TCP connected, then closed by the server with no HTTP answer); after they closed "
+                f"({fds_full} fds), the rest {dict(failed)} (TCP connected, then closed by the server with no HTTP "
+                f"answer); after they closed "
                 f"a new agent connected"]
     if late is not None:
         late.close()

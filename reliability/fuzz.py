@@ -47,7 +47,7 @@ from deskpush.protocol import BUILTIN_TEMPLATES
 
 from .proc import ServerProcess, agent_token, supported, tracebacks
 from .strategies import Case, Context, frame_streams, http_requests, json_messages
-from .wire import Client, ClientClosed, Seen, SyncClient, encode, frame
+from .wire import Client, ClientClosed, Seen, SyncClient, encode, frame, mask
 
 __all__ = ["FuzzParams", "Bystander", "run_fuzz", "FAMILIES"]
 
@@ -233,6 +233,30 @@ def _ended(seen: Seen) -> str:
     return "open until the client closed" if PING_PROBE in seen.pongs else "closed without a close frame"
 
 
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 section 5.6.2: method = token
+
+
+def client_closes(data: bytes) -> list[tuple[int, str]]:
+    """(code, reason) of each whole close frame in a client's byte stream, up to where it stops being frames."""
+    out, pos = [], 0
+    while pos + 2 <= len(data):
+        op, masked, n = data[pos] & 0x0F, data[pos + 1] & 0x80, data[pos + 1] & 0x7F
+        pos += 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos:pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(data[pos:pos + 8], "big"), pos + 8
+        key = data[pos:pos + 4] if masked else b""
+        pos += 4 if masked else 0
+        if pos + n > len(data):
+            break
+        payload = mask(data[pos:pos + n], key) if masked else data[pos:pos + n]
+        pos += n
+        if op == 8 and len(payload) >= 2:
+            out.append((int.from_bytes(payload[:2], "big"), payload[2:].decode(errors="replace")))
+    return out
+
+
 def _answered(seen: Seen, case: Case) -> str:
     """How an HTTP case ended: the status of each answer, or how it was closed without one."""
     statuses = [str(status) for status, _, _ in parse_responses(seen.raw)]
@@ -391,7 +415,8 @@ class Fuzz:
         for tb in found:
             r.exceptions += 1
             self.find(f"server exception: {tb.exception}", family, case, seen, tb.text)
-        if seen.close_code == 1011:
+        if seen.close_code == 1011 and (1011, seen.close_reason) not in client_closes(case.data):
+            # (A close frame with 1011 that echoes the client's own is no internal error.)
             r.internal_errors += 1
             if not found:  # else the exception says why
                 self.find(f"closed 1011 {seen.close_reason!r}", family, case, seen)
@@ -411,8 +436,12 @@ class Fuzz:
                 if method not in ("GET", "HEAD", "?") and 200 <= status < 300 or (method not in ("GET", "?")
                                                                                   and status == 101):
                     r.deviations += 1
-                    self.find(f"{method} answered {status} (issue 13: GET and HEAD only, 405 otherwise)",
-                              family, case, seen)
+                    if TOKEN.fullmatch(method):
+                        self.find(f"{method} answered {status} (issue 13: GET and HEAD only, 405 otherwise)",
+                                  family, case, seen)
+                    else:
+                        self.find(f"a method that is not a token ({method!r}) answered {status} (RFC 9112 "
+                                  "section 3: an invalid request line gets 400)", family, case, seen)
         if not self.srv.alive():
             self.deaths += 1
             self.find("the server died", family, case, seen, self.srv.tail())
@@ -423,7 +452,8 @@ class Fuzz:
             strategy = st.tuples(json_messages(family.endpoint, self.ctx, first=not family.auth),
                                  st.tuples(st.booleans(), st.integers(0, len(self.ctx.agent_tokens) - 1)))
         elif family.kind == "raw":
-            strategy = st.tuples(frame_streams(), st.tuples(st.booleans(), st.integers(0, len(self.ctx.agent_tokens) - 1)))
+            strategy = st.tuples(frame_streams(),
+                                 st.tuples(st.booleans(), st.integers(0, len(self.ctx.agent_tokens) - 1)))
         else:
             strategy = http_requests(self.ctx)
 

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = ["ServerProcess", "ServerError", "Traceback", "tracebacks", "toml", "s
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "reliability-secret-" + secrets.token_hex(16)
 TOKENS = AgentTokens(SECRET)
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+              "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):$", re.M)
 
 
@@ -206,6 +209,31 @@ class ServerProcess:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def connections(self) -> Counter[str]:
+        """The server's TCP sockets by state (LISTEN, ESTABLISHED, CLOSE_WAIT...), from /proc."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        states: Counter[str] = Counter()
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] in inodes:
+                    states[TCP_STATES.get(fields[3], fields[3])] += 1
+                    inodes.discard(fields[9])
+        if inodes:
+            states["not TCP"] = len(inodes)
+        return states
 
     def log(self) -> str:
         """Every start's log (stderr), in order."""

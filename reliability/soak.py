@@ -45,7 +45,7 @@ import asyncio
 import random
 import statistics
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,10 @@ class Integrator:
         self.resent = 0
         self.stop = False
         self.connecting = False
+        self.events: deque[str] = deque(maxlen=12)  # the last connection events, to say why one is stuck
+
+    def event(self, what: str) -> None:
+        self.events.append(f"{time.monotonic():.1f} {what}")
 
     async def connect(self) -> None:
         if self.connecting:
@@ -248,15 +252,20 @@ class Integrator:
     async def _connect(self) -> None:
         delay = 0.1
         while not self.stop:
+            self.resumed = False
             path = f"/integrator?resumeAfter={self.last}" if self.bearer else "/integrator"
             headers = [("Authorization", f"Bearer {self.key}")] if self.bearer else []
+            self.event(f"connect {path}")
             try:
                 client = await Client.open("127.0.0.1", self.port, path, headers=headers, on_message=self.message)
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
+                self.event(f"failed {exc!r}"[:200])
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
                 continue
-            self.client, self.resumed = client, False
+            # The server may have sent ``resumed`` already, with the 101: then
+            # message() has made this the resumed connection; else it is now.
+            self.client = client
             self.connects += 1
             client.ended.add_done_callback(lambda fut, c=client: self.ended(c, fut.result()))
             if not self.bearer:
@@ -268,12 +277,14 @@ class Integrator:
         if client is None:
             return
         self.cuts["reset" if abrupt else "close"] += 1
+        self.event("cut" if abrupt else "close")
         if abrupt:
             client.cut()
         else:
             client.close()
 
     def ended(self, client: Client, how: tuple[int | None, str]) -> None:
+        self.event(f"ended {how} {'current' if self.client is client else 'old'}")
         if self.client is client:  # not one of our cuts
             self.dropped[str(how[0])] += 1
             self.client, self.resumed = None, False
@@ -334,6 +345,8 @@ class Integrator:
         elif t == "status":
             self.status[rid] = m["notificationId"]
         elif t == "resumed":
+            self.event(f"resumed {m['count']} {m['complete']}")
+            self.client = client  # ``resumed`` can come with the 101, before Client.open returns
             self.resumes.append((m["count"], m["complete"]))
             if not m["complete"]:
                 self.incomplete.append(m.get("details", ""))
@@ -503,7 +516,7 @@ def slope(samples: list[tuple[float, float]]) -> float:
     return sum((t - mt) * (y - my) for t, y in samples) / den if den else 0.0
 
 
-async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dict[str, str],
+async def _soak(p: SoakParams, srv: ServerProcess, seed: int, keys: dict[str, str],
                 say: Any) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     plans: dict[str, Plan] = {}
@@ -512,7 +525,7 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
                               for i, (name, key) in enumerate(keys.items()) if name != "soak-sdk"]
     if "soak-sdk" in keys:
         integrators.append(SdkIntegrator(srv.port, "soak-sdk", keys["soak-sdk"]))
-    idle_fds = srv.fds()
+    idle_fds, idle_connections = srv.fds(), srv.connections()
     t_connect = time.monotonic()
     for b in range(0, p.agents, p.burst):
         await asyncio.gather(*(agents.connect(k) for k in range(b, min(p.agents, b + p.burst))))
@@ -526,6 +539,10 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
     t0 = time.monotonic()
     end = t0 + p.seconds
     samples: list[tuple[float, float, int]] = []  # (s since t0, RSS MiB, fds)
+    # One stream of draws per concern, so that each is the same whatever order
+    # the event loop happens to run them in: offer i, leave j, cut k.
+    plan_rng = random.Random(f"soak-{seed}-offers")
+    churn_rng = random.Random(f"soak-{seed}-churn")
     kinds = [k for k, _ in PLANS]
     weights = [w for _, w in PLANS]
     away: set[int] = set()
@@ -552,18 +569,18 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
             while due <= now:
                 ig_index = i % len(integrators)
                 ig = integrators[ig_index]
-                kind = rng.choices(kinds, weights)[0]
-                template = SHORT if kind in ("timeout", "cancel") or rng.random() < 0.3 else CHAT
-                answer = rng.uniform(0.05, 1.5)
-                plan = Plan(ig_index, rng.randrange(p.agents), kind, template, answer,
-                            answer + rng.uniform(-0.05, 0.05) if kind == "race" else rng.uniform(0.1, 2.5))
+                kind = plan_rng.choices(kinds, weights)[0]
+                template = SHORT if kind in ("timeout", "cancel") or plan_rng.random() < 0.3 else CHAT
+                answer = plan_rng.uniform(0.05, 1.5)
+                cancel = answer + plan_rng.uniform(-0.05, 0.05) if kind == "race" else plan_rng.uniform(0.1, 2.5)
+                plan = Plan(ig_index, plan_rng.randrange(p.agents), kind, template, answer, cancel)
                 rid = f"{ig.name}-{i:07d}"
                 plans[rid] = plan
                 ig.request(rid, {"type": "notifyEvent", "requestId": rid, "agentId": agents.ids[plan.agent],
                                  "input": {"templateName": template,
                                            "templateParameters": {"customerName": f"Customer {i}"}},
                                  "cancellationToken": f"t-{rid}", "correlationId": rid,
-                                 "progress": rng.random() < 0.5}, "notify")
+                                 "progress": plan_rng.random() < 0.5}, "notify")
                 if kind in ("cancel", "race"):
                     loop.call_later(plan.cancel_after, ig.request, f"{rid}-c",
                                     {"type": "cancelEvent", "requestId": f"{rid}-c",
@@ -588,10 +605,10 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
             await asyncio.sleep(interval)
             if time.monotonic() >= end:
                 return
-            k = rng.randrange(p.agents)
-            abrupt = rng.random() < 0.5
-            after = (rng.uniform(0.3, p.presence_grace * 0.9) if rng.random() < 0.8
-                     else rng.uniform(p.presence_grace + 1.0, p.presence_grace + 5.0))
+            k = churn_rng.randrange(p.agents)
+            abrupt = churn_rng.random() < 0.5
+            after = (churn_rng.uniform(0.3, p.presence_grace * 0.9) if churn_rng.random() < 0.8
+                     else churn_rng.uniform(p.presence_grace + 1.0, p.presence_grace + 5.0))
             if k in away or agents.sessions[k] is None:
                 continue
             away.add(k)
@@ -599,12 +616,13 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
             returns.append(asyncio.ensure_future(come_back(k, after)))
 
     async def cuts(ig: Any, phase: float) -> None:
+        cut_rng = random.Random(f"soak-{seed}-cuts-{ig.name}")
         await nap(phase)
         while time.monotonic() < end:
-            ig.cut(abrupt=rng.random() < 0.5)
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            ig.cut(abrupt=cut_rng.random() < 0.5)
+            await asyncio.sleep(cut_rng.uniform(0.2, 2.0))
             await ig.connect()
-            await nap(p.cut_every * rng.uniform(0.7, 1.3))
+            await nap(p.cut_every * cut_rng.uniform(0.7, 1.3))
 
     async def acks() -> None:
         while time.monotonic() < end:
@@ -621,7 +639,8 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
                     f"RSS {samples[-1][1]:.1f} MiB  fds {samples[-1][2]}")
 
     await asyncio.gather(sampler(), offers(), churn(), acks(), progress(),
-                         *(cuts(ig, p.cut_every * (i + 1) / (len(integrators) + 1)) for i, ig in enumerate(integrators)))
+                         *(cuts(ig, p.cut_every * (i + 1) / (len(integrators) + 1))
+                           for i, ig in enumerate(integrators)))
     ran_s = time.monotonic() - t0
     counts = health(srv.port, next(iter(keys.values())))
     # Drain: every agent back, every integrator connected, until nothing is pending.
@@ -639,7 +658,8 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
             told = time.monotonic()
             waiting = [(rid, plans.get(rid.removesuffix("-c"))) for ig in integrators for rid in ig.pending]
             say(f"soak: draining, {len(waiting)} requests unanswered, e.g. {waiting[:3]}; "
-                f"resumed {[ig.resumed for ig in integrators]}")
+                f"resumed {[ig.resumed for ig in integrators]}; "
+                f"{[list(getattr(ig, 'events', ())) for ig in integrators if not ig.resumed]}")
     drain_s = time.monotonic() - drain_start
     await asyncio.sleep(1.0)  # any late or doubled frame
     # One last resume each: anything the server still has after our last id would show here.
@@ -657,15 +677,17 @@ async def _soak(p: SoakParams, srv: ServerProcess, rng: random.Random, keys: dic
         await ig.close()
     agents.close_all()
     await asyncio.sleep(2.0)
-    after_fds = srv.fds()
     for _ in range(20):  # connections close within the server's close timeout
-        if after_fds <= idle_fds:
+        after = srv.connections()
+        if set(after) <= {"LISTEN", "not TCP"}:
             break
         await asyncio.sleep(0.5)
-        after_fds = srv.fds()
+    after_fds = srv.fds()
     out = summarise(p, srv, agents, integrators, samples, ran_s, drain_s, connect_s,
                     idle_fds, end_rss, end_fds, after_fds, connected_sessions)
     out["engine_counts"] = counts
+    out["connections_after"] = dict(after)
+    out["connections_idle"] = dict(idle_connections)
     return out
 
 
@@ -751,7 +773,7 @@ def run_soak(p: SoakParams, tmp: Path, seed: int, say: Any = print) -> dict[str,
     srv = ServerProcess(tmp, "soak", soak_config(p, keys)).start()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            out = runner.run(_soak(p, srv, rng, keys, say))
+            out = runner.run(_soak(p, srv, seed, keys, say))
     finally:
         out_status = srv.stop()
     out["exit_status"] = out_status

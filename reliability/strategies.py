@@ -237,8 +237,8 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[dict]) -> tuple[bytes, list
                                      b"{", b"}", b'{"type":}', b"{'type':'ping'}"])), notes, False
     elif m == "duplicate_key":
         raw = encode(obj)
-        return raw[:-1] + b',"type":' + encode(draw(st.sampled_from(["hello", "ping", "respond", "notifyEvent", 1]))) + b"}", \
-            notes, False
+        again = encode(draw(st.sampled_from(["hello", "ping", "respond", "notifyEvent", 1])))
+        return raw[:-1] + b',"type":' + again + b"}", notes, False
     elif m == "bom":
         return b"\xef\xbb\xbf" + encode(obj), notes, False
     elif m == "whitespace":
@@ -294,8 +294,8 @@ def one_frame(draw: st.DrawFn, big: int = 300) -> tuple[bytes, bool, str]:
     kind = draw(st.sampled_from(["data", "data", "control", "close", "header", "huge", "lie", "unmasked",
                                  "reserved", "non_minimal"]))
     key = draw(keys)
-    payload = draw(st.one_of(st.binary(max_size=min(big, 200)), st.sampled_from([b'{"type":"ping"}', b'{"type":"hello"}',
-                                                                              b"", b"\xff\xfe", b"x" * big])))
+    payload = draw(st.one_of(st.binary(max_size=min(big, 200)),
+                             st.sampled_from([b'{"type":"ping"}', b'{"type":"hello"}', b"", b"\xff\xfe", b"x" * big])))
     if kind == "data":
         op = draw(st.sampled_from([TEXT, BINARY, CONT]))
         fin = draw(st.booleans())
@@ -347,7 +347,8 @@ def frame_streams(draw: st.DrawFn, flood: bool = True, big: int = 300, most: int
         parts = draw(st.lists(st.tuples(st.sampled_from([TEXT, BINARY, CONT, PING]), st.booleans(),
                                         st.binary(max_size=20)), min_size=2, max_size=6))
         data = b"".join(frame(p, op, fin=fin, key=draw(keys)) for op, fin, p in parts)
-        return Case(data=data, notes=("fragments: " + " ".join(f"op{op}{'' if fin else '!fin'}" for op, fin, _ in parts),))
+        shape_note = " ".join(f"op{op}{'' if fin else '!fin'}" for op, fin, _ in parts)
+        return Case(data=data, notes=(f"fragments: {shape_note}",))
     frames = draw(st.lists(one_frame(big), min_size=1, max_size=most))
     data, complete, notes = b"", True, []
     for raw, whole, note in frames:

@@ -71,7 +71,7 @@ def test_the_soak_loses_and_duplicates_nothing(quick):
                    "agent's resolved differs from the integrator's result",
                    "incomplete resumes", "frames that fit no request",
                    "outcomes the server logged / the integrators received",
-                   "server open fds: idle / at the end / once every client left"):
+                   "server TCP sockets once every client left, by state"):
         value, expected, met = r[figure]
         assert met == "yes", (figure, value, expected)
     value, _, met = r["server exceptions (Traceback in its log)"]  # the soak's, the first table
@@ -158,3 +158,12 @@ def test_the_table_marks_what_is_not_met():
     assert "| lost | 3 | 0 | **NO** |" in text and "| sent | 10 |  |  |" in text and "| dup | 0 | 0 | yes |" in text
     assert json.dumps(rows(text)["lost"]) == json.dumps(["3", "0", "**NO**"])
     assert re.search(r"\| dup \| 0 \| 0 \| yes \|", text)
+
+
+def test_a_close_the_server_echoes_is_not_its_internal_error():
+    """The fuzz may send close 1011 itself; the server's echo of it is no internal error of the server's."""
+    from reliability.fuzz import client_closes
+
+    data = frame(b"\x03\xf3bye", 8, key=b"abcd") + frame(b"x" * 300, 2, key=b"abcd") + frame(b"\x03\xe8", 8)[:3]
+    assert client_closes(data) == [(1011, "bye")]
+    assert client_closes(frame(b"\x03\xf3", 8, masked=False)) == [(1011, "")]
