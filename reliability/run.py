@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(head) + body + "\n" + NOTES)
+        out.write_text("\n".join(head) + "\n" + body + "\n" + NOTES)
         say(f"wrote {out}")
     if args.keep:
         say(f"servers' configs and logs: {tmp}")
