@@ -16,7 +16,7 @@ STAMP  := $(VENV)/.test-stamp
 DEV_SECRETS := $(VENV)/deskpush-dev.env
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: serve test test-oldest chromium bench clean vocabulary
+.PHONY: serve test test-oldest chromium bench soak clean vocabulary
 
 $(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,14 @@ chromium:
 # `make bench ARGS=--quick` is a smoke run in under a minute.
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# The reliability run against real servers: a 10-minute churn soak with 2,000 agents,
+# a hypothesis fuzz of both endpoints, deskpush's frame parser against websockets',
+# and faults (drops, restarts, slow readers, floods). Prints the tables and writes
+# reliability/RESULTS.md (about 20 min on 2 cores); exits 1 if an expectation is
+# not met. `make soak ARGS=--quick` takes about 3 minutes.
+soak: $(STAMP)
+	$(PY) -m reliability.run $(ARGS)
 
 # The browser code's copy of the protocol's names (demo_client/vocabulary.js),
 # generated from protocol/vocabulary.py; tests fail when it is stale.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(
-    p for folder in ("protocol", "server", "demo_client", "tests", "bench", "bench/peers")
+    p for folder in ("protocol", "server", "demo_client", "tests", "bench", "bench/peers", "reliability")
     for p in (ROOT / folder).glob("*.py")
 )
 
