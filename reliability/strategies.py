@@ -62,7 +62,8 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
         what = " + ".join(shorten(m) for m in self.messages) if self.messages else shorten(self.data)
         if len(what) > limit:
             what = what[:limit] + f"... ({len(self.data):,} bytes on the wire)"
-        return f"[{'; '.join(self.notes) or 'as generated'}] {what}"
+        notes = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in "; ".join(self.notes))
+        return f"[{notes or 'as generated'}] {what}"
 
 
 _REPEAT = re.compile(rb"(.{1,8}?)\1{7,}", re.S)
