@@ -333,7 +333,10 @@ class Connection(asyncio.Protocol):
             # RFC 9112 section 3: "Recipients of an invalid request-line SHOULD
             # respond with a 400 (Bad Request) error". websockets would parse
             # a method that is no token (G\x00T) as one it passes on.
-            self._respond(protocol.reject(HTTPStatus.BAD_REQUEST, "Bad Request: invalid request line\n"))
+            response = protocol.reject(HTTPStatus.BAD_REQUEST, "Bad Request: invalid request line\n")
+            if head.startswith(b"HEAD "):  # RFC 9110 section 9.3.2: no content, whatever the answer
+                response = dataclasses.replace(response, body=b"")
+            self._respond(response)
             if end < len(buf):
                 self._feed(buf[end:])
             return

@@ -128,6 +128,13 @@ async def test_an_invalid_request_line_gets_400(server, line):
     has_security_headers(headers)
 
 
+async def test_an_invalid_request_line_of_a_head_gets_400_without_content(server):
+    """Found by the reliability fuzz: HEAD ... HTTP/2 got the 400 with its body."""
+    answer = await exchange(server.port, b"HEAD /healthz HTTP/2\r\nHost: 127.0.0.1\r\n\r\n")
+    ((status, headers, body),) = parse(answer, head_only=True)
+    assert status == 400 and body == b"" and answer.endswith(b"\r\n\r\n")
+
+
 async def test_a_post_with_a_body_gets_405_and_its_body_is_not_a_request(server):
     body = request("GET", "/healthz")  # a body that looks like a request is still a body
     answer = await exchange(server.port, request("POST", "/healthz", f"Content-Length: {len(body)}\r\n", body))
