@@ -1,6 +1,6 @@
 """deskpush's reliability run: a churn soak, a fuzz, a parser differential and faults; one table.
 
-    python -m reliability.run              # everything (about 20 minutes on 2 cores): 10-minute soak
+    python -m reliability.run              # everything (about 15 minutes on 2 cores): 10-minute soak
                                            # with 2,000 agents, 4,000 fuzz cases, 1,000 differential streams
     python -m reliability.run --quick      # the same in about 3 minutes: 1-minute soak, 200 agents, ...
     python -m reliability.run --only fuzz,differential --seed 7 --cases 10000
