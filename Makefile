@@ -1,22 +1,35 @@
 # deskpush: the two commands of the Quickstart are `make serve` and `make test`.
-# Both create .venv and install what they need; `make test` also installs
-# Debian's Chromium for the browser tests when it is missing.
+# Both create .venv and install what they need: `make serve` the server alone,
+# `make test` the test extras too, and Debian's Chromium for the browser tests
+# when it is missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+# One stamp per install: `make serve` installs what the server needs only,
+# `make test` (and what runs its tools) the test extras as well.
+SERVE_STAMP := $(VENV)/.serve-stamp
+STAMP  := $(VENV)/.test-stamp
+# Development only: `make serve` keeps its token secret and integrator key here
+# (owner-only, made on first use), so open desktop tabs and printed links
+# survive a restart. DESKPUSH_JWT_SECRET / DESKPUSH_API_KEY or a config win.
+DEV_SECRETS := $(VENV)/deskpush-dev.env
 CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: serve test test-oldest chromium bench soak clean vocabulary
 
+$(SERVE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(SERVE_STAMP)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVE_STAMP)
 
-serve: $(STAMP)
-	$(VENV)/bin/deskpush serve $(ARGS)
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/deskpush serve --dev-secrets $(DEV_SECRETS) $(ARGS)
 
 test: $(STAMP) chromium
 	$(PY) -c 'import websockets; print("websockets", websockets.__version__)'
@@ -58,7 +71,7 @@ soak: $(STAMP)
 
 # The browser code's copy of the protocol's names (demo_client/vocabulary.js),
 # generated from protocol/vocabulary.py; tests fail when it is stale.
-vocabulary: $(STAMP)
+vocabulary: $(SERVE_STAMP)
 	$(PY) -c 'from deskpush.protocol.vocabulary import javascript_module as m; print(m(), end="")' > demo_client/vocabulary.js
 
 clean:

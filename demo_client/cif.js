@@ -1,9 +1,14 @@
 // cif.js: Dynamics 365 Channel Integration Framework 2.0 notifyEvent / cancelEvent
 // for deskpush, in the browser. An ES module; no build step.
 //
-//   <script type="module" src="/cif.js"></script>
-//   Microsoft.CIFramework.configure({ apiKey: "...", agentId: "agent-1" });
+//   <script type="module" src="https://deskpush.example/cif.js"></script>
+//   Microsoft.CIFramework.configure({ url: "wss://deskpush.example", apiKey: "...", agentId: "agent-1" });
 //   Microsoft.CIFramework.notifyEvent(input).then(success, failure);   // CIF's own example, unchanged
+//
+// A page on any origin may load it from deskpush (the server sends it, and the
+// ./vocabulary.js it imports, with Access-Control-Allow-Origin: *), or serve
+// a copy of both files itself; docs/integrating.md shows both. `url` defaults
+// to the server this file was loaded from.
 //
 // notifyEvent(input, correlationId, cancellationToken) resolves with
 // {value: {actionName, responseReason}} and cancelEvent(cancellationToken,
@@ -31,8 +36,9 @@
 //   restart, or a connection that cannot be opened) does not settle anything:
 //   pending calls stay pending. While at least one is pending, cif.js
 //   reconnects by itself, with exponential backoff and equal jitter (250 ms
-//   doubling up to 5 s, for as long as calls are pending); with nothing
-//   pending it reconnects on the next call. Calls made while reconnecting wait.
+//   doubling up to 5 s, for as long as calls are pending; after a 1012 the
+//   backoff starts again at its first step); with nothing pending it
+//   reconnects on the next call. Calls made while reconnecting wait.
 // - Replayed results settle the calls they answer; a requestId settles once.
 //   Then, on `resumed`:
 //   - complete: true: every call still unanswered is sent again with the same
@@ -52,6 +58,10 @@
 //   RejectAfterClientError (details say the page disconnected).
 // - cif.js never sends `ack`: a page stores no outcomes, and several pages
 //   may share one API key. The server's retention limits bound the history.
+//
+// Beyond CIF: Microsoft.CIFramework.deskpush.listTemplates() resolves with
+// the server's templates, [{name, title, icon, timeout, autoAccept,
+// parameters}] (the `templates` frame of docs/protocol.md).
 //
 // Events for addHandler (handlers are called synchronously, errors logged):
 //
@@ -101,8 +111,12 @@ const handlers = new Map(); // event name -> Set<function>
 let counter = 0;
 
 function defaultUrl() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}/integrator`;
+  // The server this file came from: the page's own when deskpush serves the
+  // page, deskpush's when a page elsewhere loads it from there. A copy served
+  // by the page's own site (vendored) must be given the url.
+  const here = new URL(import.meta.url);
+  const scheme = here.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${here.host}/integrator`;
 }
 
 function normalizeUrl(url) {
@@ -205,6 +219,9 @@ function onMessage(c, data) {
         correlationId: pending.get(requestId)?.correlationId,
       });
       break;
+    case "templates":
+      if (requestId !== undefined) settle(requestId, "resolve", Array.isArray(frame.templates) ? frame.templates : []);
+      break;
     case "resumed":
       onResumed(c, frame);
       break;
@@ -257,6 +274,8 @@ function onClose(c, ev) {
   }
   if (code === CLOSE_CODE.MESSAGE_TOO_BIG) rejectTooBig(c);
   if (c.readyAt && Date.now() - c.readyAt >= STABLE_MS) attempt = 0;
+  // 1012: the server is draining for a restart, nothing failed: the first step again.
+  if (code === CLOSE_CODE.SERVICE_RESTART) attempt = 0;
   if (pending.size === 0) {
     reconnecting = false;
     emitState("disconnected", { code, reason });
@@ -374,7 +393,8 @@ function optionalString(value) {
 
 /**
  * Set the server, the integrator API key and the default target agent.
- * `url` defaults to this page's host (ws(s)://host/integrator); an http(s)
+ * `url` defaults to the host this file was loaded from (ws(s)://host/integrator):
+ * deskpush itself, unless the file was copied to another site; an http(s)
  * URL or a bare origin is accepted too. Calling it again with another url or
  * key closes the current connection and rejects the pending calls
  * (RejectAfterClientError); the next call starts afresh (resumeAfter "$").
@@ -426,6 +446,17 @@ function cancelEvent(cancellationToken, correlationId) {
 }
 
 /**
+ * deskpush's own call, not CIF's: the templates a notifyEvent may name on this
+ * server. Resolves with [{name, title, icon, timeout, autoAccept, parameters}]
+ * (parameters: the {slug}s its title and fields fill, i.e. the keys of
+ * templateParameters it uses); rejects like the CIF calls, with msdyn_name
+ * "ListTemplates". Needs configure({apiKey}) first, like them.
+ */
+function listTemplates() {
+  return request(MSDYN_NAME.LIST_TEMPLATES, { type: "templates" });
+}
+
+/**
  * Listen to deskpush events: "onNotifyEventStatus" and
  * "onConnectionStateChange" (see the top of this file for what they carry).
  * Resolves with true, like CIF's addHandler.
@@ -458,6 +489,8 @@ export const CIFramework = Object.freeze({
   addHandler,
   removeHandler,
   disconnect,
+  // What CIF does not have, under one name of its own.
+  deskpush: Object.freeze({ listTemplates }),
 });
 
 window.addEventListener("online", retryNow);

@@ -27,6 +27,11 @@ const BACKOFF_FIRST_MS = 250;
 const BACKOFF_BASE_MS = 1000;
 const BACKOFF_CAP_MS = 12000;
 const STABLE_MS = 10000; // a session that lived this long resets the backoff
+// After a close with 1012 (the server is draining for a restart) the desktop
+// reconnects at once, at a random moment within this, so that the desktops
+// of one batch do not all arrive in the same instant.
+const RESTART_JITTER_MS = 1000;
+const RESTARTING_TEXT = "Server restarting, reconnecting…";
 const TOAST_MS = 3200;
 const ACTIVITY_MAX = 12;
 // The close code this tab sends when pongs stop: private use (RFC 6455
@@ -148,9 +153,10 @@ const state = {
   token: null,
   agentId: null,
   ws: null,
-  phase: "idle", // connecting | connected | reconnecting | rejected | signedout
+  phase: "idle", // connecting | connected | reconnecting | rejected | replaced | signedout
   attempt: 0,
   retryAt: 0,
+  restarting: false, // closed with 1012: until the next welcome, say why we reconnect
   retryTimer: null,
   pingTimer: null,
   pingsInFlight: [], // Date.now() of each unanswered ping, oldest first
@@ -231,6 +237,7 @@ function setPhase(phase, text) {
   $("retry-btn").hidden = phase !== "reconnecting";
   document.body.dataset.connection = phase;
   for (const card of cards.values()) updateButtons(card);
+  renderEmpty();
 }
 
 function connect() {
@@ -241,7 +248,8 @@ function connect() {
     return;
   }
   showWorkspace();
-  setPhase("connecting", state.attempt ? "Reconnecting…" : "Connecting…");
+  $("replaced").hidden = true;
+  setPhase("connecting", state.restarting ? RESTARTING_TEXT : state.attempt ? "Reconnecting…" : "Connecting…");
   let sock;
   try {
     sock = new WebSocket(agentUrl());
@@ -292,15 +300,41 @@ function onClosed(ev) {
     showTokenForm("The server rejected this token (expired or invalid). Paste a new one to sign in.", true);
     return;
   }
+  if (ev.code === CLOSE_CODE.SERVICE_RESTART) {
+    // Planned, not a failure: reconnect now (with jitter), and start the
+    // backoff afresh should the next attempt fail.
+    state.restarting = true;
+    state.attempt = 0;
+    scheduleReconnect(Math.random() * RESTART_JITTER_MS);
+    return;
+  }
+  if (ev.code === CLOSE_CODE.SESSION_REPLACED) {
+    // The agent opened more sessions than the server allows and this one was
+    // the oldest. Reconnecting on our own would close another of them, which
+    // would reconnect in turn: this tab waits until the agent picks it again.
+    for (const id of [...cards.keys()]) removeCard(id);
+    setQueued(0);
+    setPhase("replaced", "Replaced by a newer tab");
+    $("replaced").hidden = false;
+    renderEmpty();
+    announce("This tab was disconnected: the desktop is open in too many other tabs or devices.");
+    return;
+  }
   scheduleReconnect();
 }
 
-function scheduleReconnect() {
+function useThisTab() {
+  // Connecting here closes the agent's oldest other session in turn.
+  state.attempt = 0;
+  connect();
+}
+
+function scheduleReconnect(delayMs) {
   // Exponential backoff with full jitter: a restarted server is not hit by
-  // every desktop at the same instant.
+  // every desktop at the same instant. `delayMs`: this delay instead (1012).
   const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-  const delay = Math.max(BACKOFF_FIRST_MS, Math.random() * ceiling);
-  state.attempt += 1;
+  const delay = delayMs ?? Math.max(BACKOFF_FIRST_MS, Math.random() * ceiling);
+  if (delayMs === undefined) state.attempt += 1;
   state.retryAt = Date.now() + delay;
   clearTimeout(state.retryTimer);
   state.retryTimer = setTimeout(connect, delay);
@@ -310,7 +344,8 @@ function scheduleReconnect() {
 function renderReconnecting() {
   if (state.phase === "rejected" || state.retryTimer === null) return;
   const secs = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
-  setPhase("reconnecting", secs > 0 ? `Reconnecting in ${secs} s` : "Reconnecting…");
+  if (state.restarting) setPhase("reconnecting", RESTARTING_TEXT);
+  else setPhase("reconnecting", secs > 0 ? `Reconnecting in ${secs} s` : "Reconnecting…");
 }
 
 function retryNow() {
@@ -321,6 +356,7 @@ function retryNow() {
 function useToken(token) {
   state.token = token;
   state.attempt = 0;
+  state.restarting = false;
   storeToken(token);
   const sock = state.ws;
   state.ws = null;
@@ -338,6 +374,7 @@ function signOut() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   if (sock) sock.close(CLOSE_CODE.NORMAL_CLOSURE, "signed out");
+  $("replaced").hidden = true;
   for (const id of [...cards.keys()]) removeCard(id);
   setQueued(0);
   setPhase("signedout", "Signed out");
@@ -409,11 +446,13 @@ function onFrame(frame) {
 function onWelcome(frame) {
   state.agentId = String(frame.agentId ?? "");
   state.welcomedAt = Date.now();
+  state.restarting = false;
   clock.seed(frame.serverTime);
   setPhase("connected", "Connected");
   $("status").title = `Connected as ${state.agentId}`;
   $("agent-id").textContent = state.agentId;
   $("agent-avatar").textContent = initials(state.agentId);
+  $("agent-avatar").title = state.agentId;
   $("agent").hidden = false;
   // welcome.displayed lists the offers the replay brings right after it (the
   // server always sends it): a card not listed ended while we were away.
@@ -614,8 +653,23 @@ function removeCard(id) {
   }
 }
 
+// What the main area says with no card in it: "no offers" only when that is
+// known, i.e. while connected. Offline, an empty list means nothing, and an
+// agent waiting for work must not take it for a quiet queue.
+const EMPTY_TEXT = {
+  connected: ["No offers right now", "New chats and calls routed to you appear here."],
+  connecting: ["Connecting…", "New chats and calls routed to you appear here once connected."],
+  reconnecting: ["Connection lost", "Offers cannot reach you until the connection is back. Reconnecting…"],
+};
+
 function renderEmpty() {
-  $("empty").hidden = cards.size > 0;
+  const empty = $("empty");
+  empty.hidden = cards.size > 0 || state.phase === "replaced";
+  const phase = state.phase === "connecting" && state.attempt ? "reconnecting" : state.phase;
+  const [title, text] = EMPTY_TEXT[phase] || EMPTY_TEXT.connecting;
+  empty.dataset.state = phase;
+  if ($("empty-title").textContent !== title) $("empty-title").textContent = title;
+  if ($("empty-text").textContent !== text) $("empty-text").textContent = text;
 }
 
 function formatRemaining(ms) {
@@ -854,6 +908,7 @@ const alerts = {
 function start() {
   alerts.init();
   $("retry-btn").addEventListener("click", retryNow);
+  $("use-here-btn").addEventListener("click", useThisTab);
   $("signout-btn").addEventListener("click", signOut);
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

@@ -2,21 +2,21 @@
 // integration would (Microsoft.CIFramework.notifyEvent / cancelEvent).
 
 import { CIFramework } from "./cif.js";
-import { OUTCOME } from "./vocabulary.js";
+import { ERROR_MESSAGE, OUTCOME } from "./vocabulary.js";
 
 const KEY_STORAGE = "deskpush.apiKey";
 const $ = (id) => document.getElementById(id);
 
-// The built-in templates of protocol/templates.py and the parameters they use.
-const TEMPLATES = {
-  msdyn_chat_incoming_unauthenticated: { customerName: "Jane Doe", queueName: "Support", comment: "Order #4417 arrived damaged" },
-  msdyn_chat_incoming_authenticated: { customerName: "Jane Doe", accountName: "Contoso Ltd", queueName: "Premium support", comment: "" },
-  msdyn_chat_transfer: { customerName: "Jane Doe", fromAgent: "Sam (Tier 1)", comment: "Needs a refund approval" },
-  msdyn_voicecall_incoming_unauthenticated: { callerId: "+44 20 7946 0321", queueName: "Billing" },
-  msdyn_voicecall_incoming_authenticated: { callerId: "+44 20 7946 0321", customerName: "Jane Doe", queueName: "Billing" },
-  msdyn_chat_incoming_autoaccept: { customerName: "Jane Doe", queueName: "Support" },
+// Sample values for the parameters of the built-in templates, so an offer
+// can be sent at once; any other parameter starts empty.
+const SAMPLES = {
+  customerName: "Jane Doe",
+  accountName: "Contoso Ltd",
+  queueName: "Support",
+  comment: "Order #4417 arrived damaged",
+  fromAgent: "Sam (Tier 1)",
+  callerId: "+44 20 7946 0321",
 };
-const CUSTOM = "__custom__";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -60,65 +60,90 @@ function readFragment() {
 }
 
 // ---------------------------------------------------------------------------
-// Template picker and parameter rows
+// Template picker and parameters: the server's templates (templates frame)
 
-function fillTemplates() {
+let templates = new Map(); // name -> {name, title, icon, timeout, autoAccept, parameters}
+let loadedFor = null; // the API key the list was loaded with
+
+function pickerMessage(text) {
   const select = $("template");
-  for (const name of Object.keys(TEMPLATES)) {
-    const opt = el("option", "", name);
-    opt.value = name;
-    select.appendChild(opt);
+  const opt = el("option", "", text);
+  opt.value = "";
+  select.replaceChildren(opt);
+  select.disabled = true;
+  templates = new Map();
+  onTemplateChange();
+}
+
+async function loadTemplates() {
+  const apiKey = $("api-key").value.trim();
+  if (!apiKey) {
+    loadedFor = null;
+    pickerMessage("Enter the API key to load the server's templates");
+    return;
   }
-  const custom = el("option", "", "Other (configured template)…");
-  custom.value = CUSTOM;
-  select.appendChild(custom);
-  select.addEventListener("change", onTemplateChange);
+  if (apiKey === loadedFor) return;
+  loadedFor = apiKey;
+  CIFramework.configure({ apiKey, agentId: $("agent-id").value.trim() || undefined });
+  pickerMessage("Loading templates…");
+  let list;
+  try {
+    list = await CIFramework.deskpush.listTemplates();
+  } catch (err) {
+    if (loadedFor !== apiKey) return; // another key meanwhile
+    loadedFor = null;
+    pickerMessage(err.message === ERROR_MESSAGE.UNAUTHORIZED ? "API key rejected: no templates" : "Templates unavailable");
+    setMessage(`Could not load the templates: ${err.message}${err.details ? ` (${err.details})` : ""}`);
+    return;
+  }
+  if (loadedFor !== apiKey) return;
+  const select = $("template");
+  const previous = select.value;
+  templates = new Map(list.map((t) => [t.name, t]));
+  select.replaceChildren(...list.map((t) => {
+    const opt = el("option", "", t.name);
+    opt.value = t.name;
+    return opt;
+  }));
+  select.disabled = list.length === 0;
+  if (templates.has(previous)) select.value = previous;
+  setMessage("");
   onTemplateChange();
 }
 
 function onTemplateChange() {
-  const name = $("template").value;
-  $("custom-template-row").hidden = name !== CUSTOM;
+  const t = templates.get($("template").value);
   const params = $("params");
   params.replaceChildren();
-  const defaults = TEMPLATES[name] || {};
-  const entries = Object.entries(defaults);
-  if (!entries.length) entries.push(["", ""]);
-  for (const [k, v] of entries) addParamRow(k, v);
+  $("params-set").hidden = !t || t.parameters.length === 0;
+  if (!t) {
+    $("template-hint").textContent = "";
+    return;
+  }
+  const how = t.autoAccept ? "accepted automatically" : `${t.timeout} s to answer`;
+  $("template-hint").textContent = `“${t.title}” · ${t.icon} · ${how}${t.parameters.length ? "" : " · no parameters"}`;
+  for (const name of t.parameters) addParamRow(name, SAMPLES[name] ?? "");
 }
 
-let paramSeq = 0;
-
-function addParamRow(key = "", value = "") {
-  paramSeq += 1;
+function addParamRow(name, value) {
   const row = el("div", "param-row");
-  const k = el("input");
-  k.type = "text";
-  k.className = "param-key";
-  k.placeholder = "key";
-  k.value = key;
-  k.spellcheck = false;
-  k.setAttribute("aria-label", `Parameter ${paramSeq} name`);
-  const v = el("input");
-  v.type = "text";
-  v.className = "param-value";
-  v.placeholder = "value";
-  v.value = value;
-  v.setAttribute("aria-label", `Parameter ${paramSeq} value`);
-  const remove = el("button", "btn btn-secondary btn-small param-remove", "×");
-  remove.type = "button";
-  remove.setAttribute("aria-label", `Remove parameter ${paramSeq}`);
-  remove.addEventListener("click", () => row.remove());
-  row.append(k, v, remove);
+  const input = el("input");
+  input.id = `param-${name}`;
+  input.type = "text";
+  input.className = "param-value";
+  input.dataset.param = name;
+  input.value = value;
+  const label = el("label", "param-key", name);
+  label.htmlFor = input.id;
+  row.append(label, input);
   $("params").appendChild(row);
   return row;
 }
 
 function readParams() {
   const out = {};
-  for (const row of $("params").querySelectorAll(".param-row")) {
-    const key = row.querySelector(".param-key").value.trim();
-    if (key) out[key] = row.querySelector(".param-value").value;
+  for (const input of $("params").querySelectorAll(".param-value")) {
+    if (input.value !== "") out[input.dataset.param] = input.value;
   }
   return out;
 }
@@ -196,9 +221,14 @@ async function send(ev) {
   ev.preventDefault();
   const apiKey = $("api-key").value.trim();
   const agentId = $("agent-id").value.trim();
-  const templateName = $("template").value === CUSTOM ? $("custom-template").value.trim() : $("template").value;
-  if (!apiKey || !agentId || !templateName) {
-    setMessage("Agent id, API key and template are required.");
+  const templateName = $("template").value;
+  if (!apiKey || !agentId) {
+    setMessage("Agent id and API key are required.");
+    return;
+  }
+  if (apiKey !== loadedFor || !templates.has(templateName)) {
+    loadTemplates();
+    setMessage("Choose a template of the server first.");
     return;
   }
   setMessage("");
@@ -255,6 +285,7 @@ CIFramework.addHandler("onNotifyEventStatus", (status) => {
 });
 
 readFragment();
-fillTemplates();
-$("add-param").addEventListener("click", () => addParamRow().querySelector("input").focus());
+$("template").addEventListener("change", onTemplateChange);
+$("api-key").addEventListener("change", loadTemplates);
 $("offer-form").addEventListener("submit", send);
+loadTemplates();

@@ -737,7 +737,8 @@ class Integrator:
                     self._dispatch(frame)
         except TimeoutError:
             raise IntegratorConnectionError(
-                f"{self.url} sent no `resumed` within {timeout:g} s: does the server speak protocol v1.1?"
+                f"{self.url} sent no `resumed` within {timeout:g} s: is it deskpush's integrator endpoint, "
+                "and does the server speak protocol v1.1?"
             ) from None
         except ConnectionClosed:
             if ws.close_code == CloseCode.UNAUTHORIZED:
@@ -789,6 +790,14 @@ class Integrator:
             raise
 
     async def _connect(self, url: str, timeout: float) -> ClientConnection:
+        path = urllib.parse.urlsplit(url).path.rstrip("/")
+        if path.endswith("/agent"):
+            # The agent endpoint takes the upgrade and then waits for an agent's
+            # hello: without this, the mistake would show as a timeout.
+            scheme, netloc, _, query, _ = urllib.parse.urlsplit(self.url)
+            fixed = urllib.parse.urlunsplit((scheme, netloc, path[:-6] + "/integrator", query, ""))
+            raise IntegratorConnectionError(
+                f"{self.url} is the agent endpoint (for desktops), not the integrator endpoint: use {fixed}")
         try:
             return await connect(
                 url,

@@ -33,6 +33,7 @@ export const ERROR_MESSAGE = Object.freeze({
 export const MSDYN_NAME = Object.freeze({
   NOTIFY_EVENT: "NotifyEvent",
   CANCEL_EVENT: "CancelEvent",
+  LIST_TEMPLATES: "ListTemplates",
 });
 
 export const CLOSE_CODE = Object.freeze({
@@ -44,5 +45,8 @@ export const CLOSE_CODE = Object.freeze({
   POLICY_VIOLATION: 1008,
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
+  SERVICE_RESTART: 1012,
   UNAUTHORIZED: 4401,
+  SESSION_REPLACED: 4409,
+  AUTH_THROTTLED: 4429,
 });

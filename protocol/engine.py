@@ -7,8 +7,9 @@ Theory of operation
 -------------------
 The engine does no I/O and reads no clock: every call takes ``now`` (epoch
 milliseconds, supplied by the caller) and returns a list of *effects*:
-``Send`` (a frame for some connections) and ``Ended`` (one per outcome, for
-logging and metrics). Each call makes its own list and hands it to the helpers
+``Send`` (a frame for some connections), ``Ended`` (one per outcome, for
+logging and metrics) and ``Close`` (connections the engine no longer counts
+as sessions, to be closed with a code and reason). Each call makes its own list and hands it to the helpers
 that add to it, so what a call returns is exactly what it did. Connections are
 opaque hashable handles chosen by the caller. ``next_deadline()`` says when
 ``handle_timer(now)`` must next be called.
@@ -39,6 +40,14 @@ display deadline               DISPLAYED                               Timeout/D
 cancelEvent                    QUEUED, DISPLAYED                       Cancel/CancelledByIntegrator
 presence grace expires         QUEUED, DISPLAYED                       Reject/AgentDisconnected
 =============================  ======================================  ================
+
+An agent has at most ``sessions_per_agent`` sessions. A new session beyond
+that closes the agent's oldest one (``Close`` with 4409): the tab or device
+the agent just opened is the one they want to work in, and the oldest is the
+likeliest to be forgotten or dead (a laptop asleep whose TCP connection has
+not timed out yet). Refusing the newest instead would let stale sessions, or
+a stolen token's, lock the agent out; closing the oldest means that a stolen
+token can push the agent's own sessions out, which the agent sees happen.
 
 Per agent at most ``display_limit`` notifications are displayed; the rest wait
 in a FIFO queue of at most ``queue_limit``. When a displayed one ends, the head
@@ -100,18 +109,20 @@ import msgspec
 from msgspec import Meta
 
 from . import frames as f
-from .templates import Renderer, Template, rendered_size_over
+from .templates import Renderer, Template, describe, rendered_size_over
 from .timers import Timers
 from .vocabulary import (
     ACCEPTED,
     AGENT_DISCONNECTED,
     AUTO_ACCEPTED,
     CANCELLED,
+    CLOSE_SESSION_REPLACED,
     DECLINED,
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
     AgentErrorCode,
+    Closing,
     ErrorMessage,
     MsdynName,
     Outcome,
@@ -123,6 +134,7 @@ __all__ = [
     "Outcome",
     "Send",
     "Ended",
+    "Close",
     "Effect",
     "State",
     "ACCEPTED",
@@ -168,9 +180,23 @@ class Ended(msgspec.Struct, frozen=True, gc=False):
     correlation_id: str | None
     outcome: Outcome
     delivered: bool
+    #: Milliseconds from the notifyEvent to this outcome (for metrics); None
+    #: for a notification restored from a snapshot that did not keep the time.
+    duration: float | None = None
 
 
-Effect = Send | Ended
+class Close(msgspec.Struct, frozen=True, gc=False):
+    """Close each connection in ``targets`` with ``closing``'s code and reason.
+
+    The engine has already let go of them: no frame is sent to them after
+    this, and their ``agent_disconnected`` is a no-op.
+    """
+
+    targets: tuple[Conn, ...]
+    closing: Closing
+
+
+Effect = Send | Ended | Close
 
 
 class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -184,6 +210,7 @@ class Limits(msgspec.Struct, rename="camel", frozen=True, kw_only=True, forbid_u
     outcome_history: Annotated[int, Meta(ge=0)] = 100_000
     outcome_retention: Annotated[float, Meta(ge=0)] = 86_400.0
     timer_resolution: Annotated[float, Meta(ge=0, le=1)] = 0.05
+    sessions_per_agent: Annotated[int, Meta(ge=1, le=100_000)] = 10
     #: Bytes of a notification's rendered title and fields, as JSON; a bigger one is refused.
     max_notification_bytes: Annotated[int, Meta(ge=1)] = 16 * 1024
 
@@ -219,6 +246,7 @@ class _Notification:
     state: State = QUEUED
     deadline: float = 0.0  # of the queue while QUEUED, of the display while DISPLAYED
     frame: f.Notification | None = None  # the card, once displayed
+    created: float | None = None  # when its notifyEvent arrived (None: restored without it)
 
 
 class _Remembered(msgspec.Struct, frozen=True, gc=False):
@@ -372,6 +400,9 @@ class SavedNotification(msgspec.Struct, rename="camel", frozen=True, kw_only=Tru
     state: Literal["queued", "displayed"]
     deadline: float
     frame: f.Notification | None = None
+    #: When its notifyEvent arrived (epoch ms), for the offer-to-outcome
+    #: duration; absent from snapshots of earlier versions.
+    created_at: float | None = None
 
 
 class SavedOutcome(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
@@ -479,6 +510,20 @@ class Engine:
         self._ids = OutcomeClock()
         self._history_start: str | None = None  # set by the first event, or a snapshot
         self.outcomes = 0
+        #: Notifications made from a notifyEvent (those refused at once by a full queue too).
+        self.offers = 0
+
+    def replace_templates(self, templates: Mapping[str, Template]) -> None:
+        """Use ``templates`` from now on (a reload of the configuration).
+
+        Only notifyEvents after this call see the change: every pending
+        notification holds the ``Template`` it was created with, and its card
+        was rendered then, so a displayed or queued offer looks and times out
+        as it did (a template removed or changed in the meantime included).
+        """
+        renderers = {name: Renderer(t) for name, t in templates.items()}
+        self.templates = dict(templates)
+        self._renderers = renderers
 
     # ------------------------------------------------------------------
     # Queries
@@ -535,6 +580,7 @@ class Engine:
             "live": len(self._live),
             "displayed": sum(len(a.displayed) for a in self._agents.values()),
             "outcomes": self.outcomes,
+            "offers": self.offers,
             "remembered": len(self._recent),
             "history": sum(len(k.history) for k in self._keys.values()),
             "timers": self._timers.size,
@@ -544,12 +590,24 @@ class Engine:
     # Agent events
 
     def agent_connected(self, conn: Conn, agent_id: str, session_id: str, now: float) -> list[Effect]:
-        """A session authenticated as ``agent_id``: welcome it and replay."""
+        """A session authenticated as ``agent_id``: welcome it and replay.
+
+        If the agent already has ``sessions_per_agent`` sessions, its oldest
+        is closed first (see the module docstring).
+        """
         out: list[Effect] = []
         self._run_due(now, None, out)
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent(agent_id)
+        sessions = agent.sessions
+        over = len(sessions) + 1 - self.limits.sessions_per_agent
+        if over > 0:
+            oldest = tuple(itertools.islice(sessions, over))  # dicts keep the order sessions came in
+            for old in oldest:
+                del sessions[old]
+                del self._sessions[old]
+            out.append(Close(oldest, CLOSE_SESSION_REPLACED))
         agent.sessions[conn] = session_id
         agent.targets = tuple(agent.sessions)
         agent.grace_deadline = None
@@ -699,6 +757,10 @@ class Engine:
         while history and history[0].outcome_id <= outcome_id:
             self._forget(key, history.popleft())
 
+    def template_infos(self) -> tuple[f.TemplateInfo, ...]:
+        """Every template a notifyEvent may name, as the ``templates`` frame lists them."""
+        return tuple(describe(t) for t in self.templates.values())
+
     def integrator_frame(self, conn: Conn, frame: f.IntegratorInbound, now: float) -> list[Effect]:
         """A decoded frame from an authenticated integrator connection."""
         out: list[Effect] = []
@@ -710,6 +772,8 @@ class Engine:
                 self._cancel(conn, frame, now, out)
             case f.Ack():
                 self._ack(self._integrators[conn], frame.outcome_id)
+            case f.ListTemplates():
+                out.append(Send((conn,), f.Templates(request_id=frame.request_id, templates=self.template_infos())))
             case f.IntegratorHello():
                 out.append(Send((conn,), f.IntegratorError(error=f.ErrorBody(
                     message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=MsdynName.NOTIFY_EVENT,
@@ -778,7 +842,9 @@ class Engine:
             template=render.template,
             title=title,
             fields=fields,
+            created=now,
         )
+        self.offers += 1
         self._place(n, now, out)
 
     def _notify_again(self, conn: Conn, key: _Key, frame: f.NotifyEvent, out: list[Effect]) -> bool:
@@ -1003,7 +1069,9 @@ class Engine:
             delivered = bool(key.resuming)
             if delivered:
                 out.append(Send(key.resuming, result))
-        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered))
+        created = n.created
+        out.append(Ended(n.id, agent.id, integrator, n.correlation_id, outcome, delivered,
+                         None if created is None else now - created))
 
         if was is DISPLAYED:
             agent.displayed.remove(n)
@@ -1068,7 +1136,7 @@ class Engine:
                     id=n.id, agent_id=agent.id, integrator=n.integrator, request_id=n.request_id,
                     cancellation_token=n.token, correlation_id=n.correlation_id, progress=n.progress,
                     template=n.template, title=n.title, fields=n.fields, state=n.state.value,
-                    deadline=n.deadline, frame=n.frame,
+                    deadline=n.deadline, frame=n.frame, created_at=n.created,
                 ))
         histories = []
         for key in self._keys.values():
@@ -1127,7 +1195,7 @@ class Engine:
                 id=s.id, agent=agent, integrator=s.integrator, owner=None, request_id=s.request_id,
                 token=s.cancellation_token, correlation_id=s.correlation_id, progress=s.progress,
                 template=s.template, title=s.title, fields=s.fields, state=State(s.state),
-                deadline=s.deadline, frame=s.frame,
+                deadline=s.deadline, frame=s.frame, created=s.created_at,
             )
             self._live[n.id] = n
             self._tokens[(n.integrator, n.token)] = n

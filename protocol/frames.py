@@ -8,11 +8,14 @@ There is one tagged union per direction and endpoint, each decoded by one
 Decoder built once at import time:
 
 * ``AgentInbound``: what an agent desktop sends (hello, respond, ping).
-* ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent, ack).
+* ``IntegratorInbound``: what an integrator sends (hello, notifyEvent, cancelEvent, ack,
+  templates).
 
 v1.1 adds, on the integrator endpoint only, what lets outcomes survive a
 reconnect: ``resumeAfter`` in hello, ``outcomeId`` in a notifyEvent's result,
 the ``resumed`` frame and ``ack``. A client that sends none of it speaks v1.
+``templates`` (a request and its answer) lists the templates an integrator
+may name; it is no CIF call, and changes nothing else.
 
 The frames the server sends have their unions too, for typing (nothing decodes
 them here): ``AgentOutbound``, ``IntegratorOutbound`` and ``Outbound``, either.
@@ -43,6 +46,9 @@ __all__ = [
     "AgentOutbound",
     "IntegratorHello",
     "Ack",
+    "ListTemplates",
+    "TemplateInfo",
+    "Templates",
     "Resumed",
     "OutcomeId",
     "ResumePoint",
@@ -213,7 +219,13 @@ class Ack(_Frame, tag="ack"):
     outcome_id: OutcomeId
 
 
-IntegratorInbound = Union[IntegratorHello, NotifyEvent, CancelEvent, Ack]
+class ListTemplates(_Frame, tag="templates"):
+    """Which templates may a notifyEvent name? Answered by ``Templates`` (not a CIF call)."""
+
+    request_id: Id
+
+
+IntegratorInbound = Union[IntegratorHello, NotifyEvent, CancelEvent, Ack, ListTemplates]
 
 # --------------------------------------------------------------------------
 # Integrator endpoint, server -> client
@@ -271,7 +283,26 @@ class IntegratorError(_Frame, tag="error", omit_defaults=True):
     request_id: str | None = None
 
 
-IntegratorOutbound = Union[Status, Result, Resumed, IntegratorError]
+class TemplateInfo(msgspec.Struct, rename="camel", frozen=True, kw_only=True, gc=False):
+    """What an integrator needs to know of a template: its name, its card, and the slugs it fills."""
+
+    name: str
+    title: str
+    icon: str
+    timeout: float
+    auto_accept: bool
+    #: The ``{slug}`` placeholders of its title and fields, in order of first appearance.
+    parameters: tuple[str, ...]
+
+
+class Templates(_Frame, tag="templates"):
+    """The answer to ``ListTemplates``: every template of the server, in configuration order."""
+
+    request_id: str
+    templates: tuple[TemplateInfo, ...]
+
+
+IntegratorOutbound = Union[Status, Result, Resumed, IntegratorError, Templates]
 
 Outbound = AgentOutbound | IntegratorOutbound
 

@@ -22,10 +22,11 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from .frames import Field
+from .frames import Field, TemplateInfo
 
 __all__ = [
     "FieldTemplate", "Template", "BUILTIN_TEMPLATES", "Renderer", "render_text", "render_fields", "rendered_size_over",
+    "parameters", "describe",
 ]
 
 _SLUG = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
@@ -143,6 +144,21 @@ def rendered_size_over(title: str, fields: tuple[Field, ...], limit: int) -> int
         return 0
     size = len(msgspec.json.encode(title)) + len(msgspec.json.encode(fields))
     return size if size > limit else 0
+
+
+def parameters(template: Template) -> tuple[str, ...]:
+    """The slugs ``template`` fills, from its title then its fields, each once, in order."""
+    seen: dict[str, None] = {}
+    for text in (template.title, *(f.value for f in template.fields)):
+        for slug in _split(text)[1::2]:
+            seen.setdefault(slug, None)
+    return tuple(seen)
+
+
+def describe(template: Template) -> TemplateInfo:
+    """``template`` as the ``templates`` frame lists it."""
+    return TemplateInfo(name=template.name, title=template.title, icon=template.icon, timeout=template.timeout,
+                        auto_accept=template.auto_accept, parameters=parameters(template))
 
 
 def _t(name: str, title: str, icon: str, fields: list[tuple[str, str]], **kw: Any) -> Template:

@@ -43,6 +43,9 @@ __all__ = [
     "CLOSE_RATE_LIMITED",
     "CLOSE_KEEPALIVE_TIMEOUT",
     "CLOSE_INTERNAL_ERROR",
+    "CLOSE_SESSION_REPLACED",
+    "CLOSE_AUTH_THROTTLED",
+    "CLOSE_SERVICE_RESTART",
     "CLOSINGS",
     "javascript_module",
 ]
@@ -116,10 +119,12 @@ class MsdynName(enum.StrEnum):
 
     NOTIFY_EVENT = "NotifyEvent"
     CANCEL_EVENT = "CancelEvent"
+    #: deskpush's own call, not CIF's: the ``templates`` request.
+    LIST_TEMPLATES = "ListTemplates"
 
 
 class CloseCode(enum.IntEnum):
-    """WebSocket close codes of the server (RFC 6455 section 7.4.1, and one of ours)."""
+    """WebSocket close codes of the server (RFC 6455 section 7.4.1, and ours in 4000-4999)."""
 
     NORMAL_CLOSURE = 1000
     GOING_AWAY = 1001  # the server is shutting down
@@ -129,7 +134,15 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # over the rate limit
     MESSAGE_TOO_BIG = 1009  # a frame over server.maxSize (websockets' reason)
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server is draining for a restart: reconnect now, with jitter
     UNAUTHORIZED = 4401  # hello missing, late or refused
+    # The agent opened more than limits.sessionsPerAgent sessions: the oldest
+    # is closed so the newest works. Not to be retried on its own: that would
+    # close another session of the agent, which would retry in turn.
+    SESSION_REPLACED = 4409
+    # Too many failed authentications from the client's address
+    # (auth.failedAuthLimit): the hello was not even checked. Retry later.
+    AUTH_THROTTLED = 4429
 
 
 class Closing(NamedTuple):
@@ -143,6 +156,9 @@ CLOSE_UNAUTHORIZED = Closing(CloseCode.UNAUTHORIZED, "unauthorized")
 CLOSE_RATE_LIMITED = Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 CLOSE_KEEPALIVE_TIMEOUT = Closing(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 CLOSE_INTERNAL_ERROR = Closing(CloseCode.INTERNAL_ERROR, "internal error")
+CLOSE_SESSION_REPLACED = Closing(CloseCode.SESSION_REPLACED, "replaced by a newer session of this agent")
+CLOSE_AUTH_THROTTLED = Closing(CloseCode.AUTH_THROTTLED, "too many failed authentications, retry later")
+CLOSE_SERVICE_RESTART = Closing(CloseCode.SERVICE_RESTART, "server restarting")
 
 #: Every close the server decides on, by the name the code uses for it.
 CLOSINGS: dict[str, Closing] = {
@@ -150,6 +166,9 @@ CLOSINGS: dict[str, Closing] = {
     "CLOSE_RATE_LIMITED": CLOSE_RATE_LIMITED,
     "CLOSE_KEEPALIVE_TIMEOUT": CLOSE_KEEPALIVE_TIMEOUT,
     "CLOSE_INTERNAL_ERROR": CLOSE_INTERNAL_ERROR,
+    "CLOSE_SESSION_REPLACED": CLOSE_SESSION_REPLACED,
+    "CLOSE_AUTH_THROTTLED": CLOSE_AUTH_THROTTLED,
+    "CLOSE_SERVICE_RESTART": CLOSE_SERVICE_RESTART,
 }
 
 

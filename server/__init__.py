@@ -13,7 +13,7 @@ Read in this order; each module opens with what it owns:
 * ``clock``: the engine's time on the event loop (tests use a fake one);
 * ``listener``: the listening sockets, and accepting when file descriptors
   run out;
-* ``web``: ``/healthz``, ``/stats`` and the demo's static files;
+* ``web``: ``/healthz``, ``/livez``, ``/readyz``, ``/stats`` and the demo's static files;
 * ``state``: pending notifications across a restart;
 * ``auth``, ``config``, ``logs``, ``cli``: tokens and keys, the TOML file,
   logging off the hot path, the ``deskpush`` command.

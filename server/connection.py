@@ -183,7 +183,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "handler", "options", "loop", "transport", "protocol", "request", "session", "remote_address",
         "_buf", "_reading_request", "_to_websockets", "_fragments", "_out", "_timer", "_keepalive", "_ping",
-        "_pings",
+        "_pings", "status", "timed_out", "dropped_slow",
     )
 
     def __init__(self, handler: Handler, options: ConnectionOptions, loop: asyncio.AbstractEventLoop) -> None:
@@ -205,6 +205,12 @@ class Connection(asyncio.Protocol):
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping: tuple[bytes, float] | None = None  # unanswered ping: payload, sent at
         self._pings = 0
+        # How it ended, for the metrics: the status it was answered with (101:
+        # a WebSocket), whether a deadline aborted it, whether it was dropped
+        # as too slow (server.outboundLimit).
+        self.status: int | None = None
+        self.timed_out = False
+        self.dropped_slow = False
 
     # ------------------------------------------------------------------
     # For the session and the server
@@ -238,6 +244,7 @@ class Connection(asyncio.Protocol):
             # Its session sees it closed; nobody else waits for it.
             log.warning("closing %s: write buffer over %d bytes", self.remote_address, self.options.outbound_limit)
             out.clear()
+            self.dropped_slow = True
             transport.abort()
             return
         data = out[0] if len(out) == 1 else b"".join(out)
@@ -275,6 +282,12 @@ class Connection(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> None:
+        if self._buf and self.protocol.state is OPEN:
+            # The start of a frame that will never be completed: websockets
+            # sees it as it would have byte by byte (an invalid opcode in
+            # it fails the connection with 1002 before the EOF counts).
+            buf, self._buf = self._buf, b""
+            self._feed(buf)
         self.protocol.receive_eof()
         self._send_protocol_data()
         # Returning None closes the transport: the WebSocket has its own
@@ -316,7 +329,15 @@ class Connection(asyncio.Protocol):
         protocol = self.protocol
         head = buf[:end]
         line = _REQUEST_LINE.match(head)
-        method = line[1] if line is not None else b"GET"  # not HTTP: websockets says so
+        if line is None:
+            # RFC 9112 section 3: "Recipients of an invalid request-line SHOULD
+            # respond with a 400 (Bad Request) error". websockets would parse
+            # a method that is no token (G\x00T) as one it passes on.
+            self._respond(protocol.reject(HTTPStatus.BAD_REQUEST, "Bad Request: invalid request line\n"))
+            if end < len(buf):
+                self._feed(buf[end:])
+            return
+        method = line[1]
         if method == b"HEAD":
             # RFC 9110 section 9.3.2: "identical to GET except that the server
             # MUST NOT send content in the response". websockets parses GETs only.
@@ -362,6 +383,7 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:  # answered in time
             self._timer.cancel()
             self._timer = None
+        self.status = response.status_code
         headers = response.headers
         if response.status_code != 101:
             for name, value in self.options.http_headers:
@@ -382,6 +404,7 @@ class Connection(asyncio.Protocol):
 
     def _abort_late(self) -> None:
         self._timer = None
+        self.timed_out = True
         if self.transport is not None:
             self.transport.abort()
 

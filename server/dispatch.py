@@ -4,7 +4,8 @@ The ``Dispatcher`` owns what happens between the engine and the sockets:
 
 * ``apply(effects)``: each ``Send`` is encoded and framed once, whatever the
   number of its targets, and queued on each target connection; each
-  ``Ended`` goes to the outcome log. Connections are written at the end of
+  ``Ended`` goes to the outcome log; each ``Close`` closes its connections
+  (after what was queued on them). Connections are written at the end of
   the loop iteration (``flush``), once each, with everything they got in it;
   one that collects ``write_at`` frames first is written at once.
 * The one timer: a single callback armed at the engine's ``next_deadline()``;
@@ -27,10 +28,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ..protocol import Ended, Engine, Send
+from ..protocol import Close, Ended, Engine, Send
 from ..protocol import frames as f
 from .clock import Cancellable, Clock
 from .connection import text_frame
+from .metrics import Counts
 
 __all__ = ["Dispatcher", "Target"]
 
@@ -43,6 +45,8 @@ class Target(Protocol):
     def queue_frame(self, frame: bytes) -> int: ...
 
     def flush(self) -> None: ...
+
+    def close(self, code: int, reason: str = "") -> None: ...
 
 
 class Dispatcher:
@@ -58,6 +62,7 @@ class Dispatcher:
         timer_budget: float = 0.1,
         write_at: int = 64,
         flush_slice: int = 256,
+        counts: Counts | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -75,6 +80,9 @@ class Dispatcher:
         self._timer: Cancellable | None = None
         self._armed: float | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
+        #: Where frames sent, errors, outcomes and timer lateness are counted
+        #: for the metrics (``server.metrics``); None: not counted.
+        self.counts = counts
 
     def close(self) -> None:
         """Cancel the timer; nothing is ended or written any more."""
@@ -88,15 +96,22 @@ class Dispatcher:
     # ------------------------------------------------------------------
     # Effects
 
-    def apply(self, effects: Iterable[Send | Ended]) -> None:
-        """Queue every frame of ``effects`` on its targets and log every outcome."""
+    def apply(self, effects: Iterable[Send | Ended | Close]) -> None:
+        """Queue every frame of ``effects`` on its targets, log every outcome, close what is to close."""
         encode = f.ENCODER.encode
         dirty = self._dirty
         write_at = self.write_at
         log_outcome = self.log_outcome
+        counts = self.counts
+        sent = counts.sent if counts is not None else None
         for effect in effects:
             if type(effect) is Send:
                 frame = text_frame(encode(effect.frame))
+                if sent is not None:
+                    try:
+                        sent[type(effect.frame)] += len(effect.targets)
+                    except KeyError:  # an error frame: by code too (a try costs nothing until it raises)
+                        counts.error(effect.frame, len(effect.targets))
                 for conn in effect.targets:
                     if conn.queue_frame(frame) >= write_at:
                         # A full batch (an integrator's results during a burst
@@ -106,8 +121,17 @@ class Dispatcher:
                 if self._debug:
                     log.debug("send %s to %d", encode(effect.frame)[:200].decode(errors="replace"),
                               len(effect.targets))
-            elif log_outcome is not None:  # Ended
-                log_outcome(effect)
+            elif type(effect) is Ended:
+                if counts is not None:
+                    counts.ended(effect)
+                if log_outcome is not None:
+                    log_outcome(effect)
+            else:  # Close: what was queued on them goes first
+                code, reason = effect.closing
+                for conn in effect.targets:
+                    conn.close(code, reason)
+                    dirty.pop(conn, None)
+                log.debug("closed %d connection(s) with %d (%s)", len(effect.targets), code, reason)
         if dirty and self._flush_handle is None:
             self._flush_handle = self.clock.call_soon(self._flush)
         self._rearm()
@@ -176,8 +200,11 @@ class Dispatcher:
         self._armed = None
         # A timer may fire a hair early; the deadline it was armed for is due.
         now = self.clock.now()
-        if deadline is not None and deadline > now:
-            now = deadline
+        if deadline is not None:
+            if deadline > now:
+                now = deadline
+            elif self.counts is not None:
+                self.counts.lateness.observe((now - deadline) / 1000.0)
         self._end_due(now, self.timer_budget)
 
     def _end_due(self, now: float, budget: float) -> None:

@@ -4,8 +4,9 @@ A ``Session`` is one open WebSocket connection on an endpoint. Every message
 takes the same path, whichever the endpoint:
 
 1. before authentication, the message must be the endpoint's ``hello`` and
-   its credential must check out, within ``helloTimeout`` of the opening;
-   anything else closes the connection with 4401;
+   its credential must check out, within ``helloTimeout`` of the TCP
+   connection being accepted (one bound for the opening handshake and the
+   hello together); anything else closes the connection with 4401;
 2. after it, the rate limit (a token bucket per connection; past it: close
    1008), then the message is decoded with the endpoint's decoder; one that
    does not decode gets the endpoint's error frame and the connection stays;
@@ -16,6 +17,11 @@ which engine events a session maps to, the error frame for a bad frame, and
 the rate. An integrator may also authenticate on the upgrade request
 (``Authorization: Bearer``), and then sends no hello; its resume point (v1.1)
 is then the request's ``resumeAfter`` query parameter.
+
+An endpoint may have a ``Guard`` against guessing: a hello from an address
+that failed too often is closed with 4429 unchecked, and a hello whose
+credential is wrong counts as a failure of its address. The integrator
+endpoint has one; the agent endpoint has none (``app`` says why).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from websockets.http11 import Request, Response
@@ -35,14 +41,22 @@ from websockets.http11 import Request, Response
 from ..protocol import Effect, Engine, Send
 from ..protocol.engine import TOO_DEEP
 from ..protocol import frames as f
-from ..protocol.vocabulary import CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, AgentErrorCode, ErrorMessage, MsdynName
+from ..protocol.vocabulary import (
+    CLOSE_AUTH_THROTTLED,
+    CLOSE_RATE_LIMITED,
+    CLOSE_UNAUTHORIZED,
+    AgentErrorCode,
+    ErrorMessage,
+    MsdynName,
+)
 from .auth import AgentTokens, ApiKeys
 from .clock import Cancellable, Clock
 from .connection import Connection
 from .dispatch import Dispatcher
+from .metrics import EndpointCounts
 from .web import plain
 
-__all__ = ["Endpoint", "Session", "agent_endpoint", "integrator_endpoint"]
+__all__ = ["Endpoint", "Guard", "Session", "agent_endpoint", "integrator_endpoint"]
 
 log = logging.getLogger("deskpush")
 
@@ -86,6 +100,16 @@ class Bucket:
         return True
 
 
+class Guard(Protocol):
+    """Failed authentications by the address of a connection (``app`` keeps the table)."""
+
+    def refused_for(self, conn: Connection) -> float:
+        """Seconds until ``conn``'s address may try to authenticate again (0: now)."""
+
+    def failed(self, conn: Connection) -> None:
+        """``conn`` presented a credential, and it was wrong."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """What an endpoint's sessions do with their messages. See the module docstring."""
@@ -106,29 +130,51 @@ class Endpoint:
     hello_timeout: float
     #: An identity proved by the upgrade request itself, or None (then a hello is due).
     identity_of_request: Callable[[Request], str | None] = lambda request: None
+    #: Against guessing credentials in hellos, or None.
+    guard: Guard | None = None
 
 
 class Session:
     """One open WebSocket connection on an endpoint."""
 
-    __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer")
+    __slots__ = ("conn", "endpoint", "dispatcher", "clock", "identity", "bucket", "hello_timer", "hello_deadline",
+                 "on_authenticated", "counts")
 
-    def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock) -> None:
+    def __init__(self, conn: Connection, endpoint: Endpoint, dispatcher: Dispatcher, clock: Clock, *,
+                 accepted_at: float | None = None,
+                 on_authenticated: Callable[[Connection], None] | None = None,
+                 counts: EndpointCounts | None = None) -> None:
+        """Start the session of ``conn``, which just opened.
+
+        Args:
+            accepted_at: when the TCP connection was accepted (epoch ms; None:
+                now). The endpoint's ``hello_timeout`` counts from there, so the
+                handshake and the hello share one bound.
+            on_authenticated: called with ``conn`` once it has proved who it is.
+            counts: where its messages and its authentication are counted for
+                the metrics (None: not counted).
+        """
         self.conn = conn
         self.endpoint = endpoint
         self.dispatcher = dispatcher
         self.clock = clock
+        self.on_authenticated = on_authenticated
+        self.counts = counts
         now = clock.now()
         self.bucket = Bucket(endpoint.rate, endpoint.burst, now)
         self.hello_timer: Cancellable | None = None
+        self.hello_deadline = (now if accepted_at is None else accepted_at) + endpoint.hello_timeout * 1000.0
         assert conn.request is not None
         self.identity = endpoint.identity_of_request(conn.request)
         if self.identity is None:
-            self.hello_timer = clock.call_at(now + endpoint.hello_timeout * 1000.0, self._hello_timed_out)
+            self.hello_timer = clock.call_at(self.hello_deadline, self._hello_timed_out)
         else:
             self._authenticated(self.identity, None, now)
 
     def message(self, data: bytes) -> None:
+        counts = self.counts
+        if counts is not None:
+            counts.frames_in += 1
         now = self.clock.now()
         if self.identity is None:
             self._hello(data, now)  # one message, whatever it is: no rate to limit
@@ -154,12 +200,24 @@ class Session:
 
     def _hello(self, data: bytes, now: float) -> None:
         endpoint = self.endpoint
+        if now > self.hello_deadline:
+            # Late, though its timer has not run yet (a busy loop handles the
+            # bytes of an iteration before its timers): as late as no hello.
+            self.conn.close(*CLOSE_UNAUTHORIZED)
+            return
+        guard = endpoint.guard
+        if guard is not None and guard.refused_for(self.conn) > 0:
+            self.conn.close(*CLOSE_AUTH_THROTTLED)
+            return
         try:
             hello = decode(endpoint.decoder, data)
         except msgspec.MsgspecError:
             hello = None
-        identity = endpoint.authenticate(hello) if type(hello) is endpoint.hello else None
+        presented = type(hello) is endpoint.hello
+        identity = endpoint.authenticate(hello) if presented else None
         if identity is None:
+            if presented and guard is not None:
+                guard.failed(self.conn)
             self.conn.close(*CLOSE_UNAUTHORIZED)
             return
         if self.hello_timer is not None:
@@ -169,6 +227,10 @@ class Session:
         self._authenticated(identity, hello, now)
 
     def _authenticated(self, identity: str, hello: Any, now: float) -> None:
+        if self.on_authenticated is not None:
+            self.on_authenticated(self.conn)
+        if self.counts is not None:
+            self.counts.sessions += 1
         self.dispatcher.apply(self.endpoint.connected(self.conn, identity, hello, now))
         log.debug("%s %s connected from %s", self.endpoint.name, identity, self.conn.remote_address)
 
@@ -205,7 +267,7 @@ def agent_endpoint(engine: Engine, tokens: AgentTokens, *, rate: float, burst: f
 
 
 def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: float,
-                        hello_timeout: float) -> Endpoint:
+                        hello_timeout: float, guard: Guard | None = None) -> Endpoint:
     """``/integrator``: an API key, on the upgrade request (Bearer) or in the hello."""
 
     def connected(conn: Connection, integrator: str, hello: f.IntegratorHello | None, now: float) -> list[Effect]:
@@ -228,6 +290,7 @@ def integrator_endpoint(engine: Engine, keys: ApiKeys, *, rate: float, burst: fl
         burst=burst,
         hello_timeout=hello_timeout,
         identity_of_request=lambda request: keys.check_bearer(request.headers.get("Authorization")),
+        guard=guard,
     )
 
 
@@ -290,6 +353,8 @@ def integrator_bad_frame(raw: bytes, exc: msgspec.MsgspecError) -> f.IntegratorE
             request_id = rid
         if obj.get("type") == "cancelEvent":
             name = MsdynName.CANCEL_EVENT
+        elif obj.get("type") == "templates":
+            name = MsdynName.LIST_TEMPLATES
     return f.IntegratorError(
         request_id=request_id,
         error=f.ErrorBody(message=ErrorMessage.REJECT_AFTER_CLIENT, msdyn_name=name, details=_decode_error(exc)),

@@ -16,21 +16,33 @@ the handler's batch, formatted exactly as the handler would, whenever that
 changes nothing: the logger is enabled at that level, and its records would
 reach exactly one ``TickHandler`` with no filter on the way. Otherwise (a
 library user's own handlers, a filter) the server logs the usual way.
+
+``--log-format json`` (``setup(..., fmt="json")``) puts a ``JsonFormatter``
+on the handler instead: one JSON object per line, with ``time`` (UTC, ISO
+8601), ``level``, ``logger`` and ``message``, and for the outcome line its
+fields as keys of their own (``notificationId``, ``agentId``,
+``correlationId``, ``integrator``, ``actionName``, ``responseReason``,
+``delivered``), so a log pipeline can search by correlationId without parsing
+text. The outcome line takes the same direct path in JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+import msgspec
 
 if TYPE_CHECKING:
     from ..protocol import Ended, Outcome
 
-__all__ = ["FORMAT", "LineFormatter", "TickHandler", "direct_writer", "outcome_logger", "setup"]
+__all__ = ["FORMAT", "FORMATS", "LineFormatter", "JsonFormatter", "TickHandler", "direct_writer",
+           "direct_json_writer", "outcome_logger", "setup"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -57,6 +69,50 @@ class LineFormatter(logging.Formatter):
             self._stamp = time.strftime(self.default_time_format, ct)
         # LogRecord's msecs, without its rounding fix for the last microsecond.
         return f"{self._stamp},{int((created - second) * 1000):03d}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time``, ``level``, ``logger``, ``message``, then its ``fields``.
+
+    A record logged with ``extra={"fields": {...}}`` has those as keys of
+    their own (and ``extra={"event": ...}`` as its ``message``, the text line's
+    fields being keys already). ``time`` is UTC, to the millisecond, rendered
+    once per second like ``LineFormatter``'s.
+    """
+
+    _second = -1
+    _stamp = ""
+    _encode = msgspec.json.Encoder().encode
+
+    def stamp(self, created: float) -> str:
+        """``created`` as ``2026-11-24T05:54:16.716Z``."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = dt.datetime.fromtimestamp(second, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
+    def line(self, created: float, level: str, logger: str, message: str,
+             fields: dict[str, Any] | None = None) -> str:
+        obj: dict[str, Any] = {"time": self.stamp(created), "level": level, "logger": logger, "message": message}
+        if fields:
+            obj.update(fields)
+        return self._encode(obj).decode()
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = record.__dict__.get("fields")
+        message = record.__dict__.get("event") if fields else None
+        line_fields = dict(fields) if fields else {}
+        if record.exc_info:
+            line_fields["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line_fields["exception"] = record.exc_text
+        return self.line(record.created, record.levelname, record.name,
+                         message if message is not None else record.getMessage(), line_fields)
+
+
+#: The values of ``--log-format``: the formatter each stands for.
+FORMATS = {"text": lambda: LineFormatter(FORMAT), "json": JsonFormatter}
 
 
 class TickHandler(logging.Handler):
@@ -104,14 +160,8 @@ class TickHandler(logging.Handler):
         super().close()
 
 
-def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] | None:
-    """A function writing ``message`` as ``logger.log(level, message)`` would, or None.
-
-    None when ``logger`` is not enabled for ``level`` (the caller writes
-    nothing) or when its records would not go to exactly one ``TickHandler``
-    with deskpush's format and no filter (the caller logs the usual way).
-    Decided once: call it again after changing the logging configuration.
-    """
+def _sole_handler(logger: logging.Logger, level: int) -> TickHandler | None:
+    """The one ``TickHandler`` every record of ``logger`` at ``level`` reaches, with no filter on the way, or None."""
     if not logger.isEnabledFor(level):
         return None
     handlers: list[logging.Handler] = []
@@ -126,9 +176,24 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     if len(handlers) != 1:
         return None
     (handler,) = handlers
+    if type(handler) is not TickHandler or handler.filters or level < handler.level:
+        return None
+    return handler
+
+
+def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] | None:
+    """A function writing ``message`` as ``logger.log(level, message)`` would, or None.
+
+    None when ``logger`` is not enabled for ``level`` (the caller writes
+    nothing) or when its records would not go to exactly one ``TickHandler``
+    with deskpush's format and no filter (the caller logs the usual way).
+    Decided once: call it again after changing the logging configuration.
+    """
+    handler = _sole_handler(logger, level)
+    if handler is None:
+        return None
     formatter = handler.formatter
-    if (type(handler) is not TickHandler or handler.filters or level < handler.level
-            or type(formatter) is not LineFormatter or formatter.format_string != FORMAT):
+    if type(formatter) is not LineFormatter or formatter.format_string != FORMAT:
         return None
     prefix = f" {logging.getLevelName(level)} {logger.name} "
     stamp = formatter.stamp
@@ -151,34 +216,77 @@ def direct_writer(logger: logging.Logger, level: int) -> Callable[[str], None] |
     return write
 
 
+def direct_json_writer(logger: logging.Logger, level: int) -> Callable[[str, dict[str, Any]], None] | None:
+    """Like ``direct_writer`` for a handler with a ``JsonFormatter``: writes ``(message, fields)``, or None."""
+    handler = _sole_handler(logger, level)
+    if handler is None or type(handler.formatter) is not JsonFormatter:
+        return None
+    line = handler.formatter.line
+    append = handler.append_line
+    level_name = logging.getLevelName(level)
+    name = logger.name
+    clock = time.time
+
+    def write(message: str, fields: dict[str, Any]) -> None:
+        append(line(clock(), level_name, name, message, fields))
+
+    return write
+
+
 def outcome_logger(logger: logging.Logger) -> Callable[[Ended], None] | None:
     """What writes the INFO line of each outcome to ``logger``, or None when INFO is off.
 
     Decided once, like ``direct_writer``: call it again after changing the
     logging configuration.
     """
+    write_json = direct_json_writer(logger, logging.INFO)
+    if write_json is not None:
+        return lambda e: write_json("outcome", _fields(e))
     write = direct_writer(logger, logging.INFO)
     if write is None and not logger.isEnabledFor(logging.INFO):
         return None
-    emit = write if write is not None else logger.info
     # The end of the line depends only on the outcome and whether it was delivered.
     tails: dict[tuple[Outcome, bool], str] = {}
 
-    def log_outcome(e: Ended) -> None:
+    def line(e: Ended) -> str:
         key = (e.outcome, e.delivered)
         tail = tails.get(key)
         if tail is None:
             o = e.outcome
             tail = tails[key] = (f" actionName={o.action_name} responseReason={o.response_reason} "
                                  f"delivered={e.delivered}")
-        emit(f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
-             f"correlationId={e.correlation_id} integrator={e.integrator}{tail}")
+        return (f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
+                f"correlationId={e.correlation_id} integrator={e.integrator}{tail}")
 
-    return log_outcome
+    if write is None:
+        def log_outcome(e: Ended) -> None:
+            # Through logging (a library user's handlers, a filter): a
+            # JsonFormatter among them gets the fields as keys too.
+            logger.info(line(e), extra={"fields": _fields(e), "event": "outcome"})
+
+        return log_outcome
+
+    def write_outcome(e: Ended) -> None:  # the hot path: one call, as line() inlined
+        key = (e.outcome, e.delivered)
+        tail = tails.get(key)
+        if tail is None:
+            return write(line(e))
+        write(f"outcome notificationId={e.notification_id} agentId={e.agent_id} "
+              f"correlationId={e.correlation_id} integrator={e.integrator}{tail}")
+
+    return write_outcome
 
 
-def setup(level: str, stream: TextIO | None = None) -> TickHandler:
-    """Route every logger through one ``TickHandler`` at ``level``."""
+def _fields(e: Ended) -> dict[str, Any]:
+    """The outcome line's fields, as JSON keys (correlationId null when the integrator gave none)."""
+    o = e.outcome
+    return {"notificationId": e.notification_id, "agentId": e.agent_id, "correlationId": e.correlation_id,
+            "integrator": e.integrator, "actionName": o.action_name, "responseReason": o.response_reason,
+            "delivered": e.delivered}
+
+
+def setup(level: str, stream: TextIO | None = None, fmt: str = "text") -> TickHandler:
+    """Route every logger through one ``TickHandler`` at ``level``, as text lines or JSON (``FORMATS``)."""
     # What the logging HOWTO's "Optimization" section lists: no caller lookup,
     # thread or process names per record; the lines do not show them.
     # (_srcfile is the switch that section documents.)
@@ -187,7 +295,7 @@ def setup(level: str, stream: TextIO | None = None) -> TickHandler:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = TickHandler(stream)
-    handler.setFormatter(LineFormatter(FORMAT))
+    handler.setFormatter(FORMATS[fmt]())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,7 +16,7 @@ from deskpush.server import Config, DeskpushServer
 from deskpush.server.config import ServerSection
 
 SECRET = "test-secret-" + "x" * 32
-API_KEY = "test-api-key"
+API_KEY = "test-api-key-" + "k" * 32  # keys are 32 bytes or more
 # One environment-scaled unit for test timeouts (slow CI machines get more).
 UNIT = float(os.environ.get("DESKPUSH_TEST_TIME_UNIT", "1.0"))
 

@@ -12,11 +12,15 @@ docs/screenshot-desktop.png (otherwise it writes to a temporary directory).
 from __future__ import annotations
 
 import asyncio
+import http.server
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -520,6 +524,43 @@ async def test_bad_token_shows_form_then_paste(browser: Any, server: DeskpushSer
     assert "token=" not in page.url
 
 
+async def test_a_tab_replaced_by_a_newer_one_says_so_and_waits(browser: Any) -> None:
+    """Close 4409 (limits.sessionsPerAgent): no reconnect loop between tabs; the agent picks the tab."""
+    async with DeskpushServer(config_with(sessions_per_agent=1), jwt_secret=SECRET,
+                              api_keys={"crm": API_KEY}) as srv:
+        ig = Integrator(await open_integrator(srv))
+        ctx = await browser.new_context()
+        old = await open_desktop(ctx, srv)
+        await expect(old.locator("#replaced")).to_be_hidden()
+        rid = await ig.notify("agent-7")
+        nid = await ig.displayed(rid)
+        await expect(card(old, nid)).to_be_visible()
+
+        new = await open_desktop(ctx, srv)
+        await expect(card(new, nid)).to_be_visible()
+        await expect(old.locator("#status")).to_have_attribute("data-state", "replaced")
+        await expect(old.locator("#replaced")).to_be_visible()
+        await expect(old.locator("#replaced")).to_contain_text("more tabs or devices than the server allows")
+        await expect(old.locator(".card")).to_have_count(0)
+        # Longer than the desktop's longest first retry (1 s): the old tab did not
+        # reconnect on its own, so the new one is still the agent's session.
+        await asyncio.sleep(1.5 * UNIT)
+        await expect(old.locator("#status")).to_have_attribute("data-state", "replaced")
+        await expect(new.locator("#status")).to_have_attribute("data-state", "connected")
+        assert srv.engine.statistics()["agentSessions"] == 1
+
+        # Choosing the old tab again takes over, with the offer replayed; the new one is told.
+        await old.get_by_role("button", name="Use this tab").click()
+        await expect(old.locator("#status")).to_have_attribute("data-state", "connected")
+        await expect(old.locator("#replaced")).to_be_hidden()
+        await expect(card(old, nid)).to_be_visible()
+        await expect(new.locator("#status")).to_have_attribute("data-state", "replaced")
+        await card(old, nid).get_by_role("button", name="Accept: New chat request").click()
+        assert await ig.result(rid) == {"actionName": "Accept", "responseReason": "Accept"}
+        assert old.errors == [] and new.errors == []
+        await ctx.close()
+
+
 async def test_desktop_alert_once_across_hidden_tabs(browser: Any, server: DeskpushServer,
                                                     integrator: Integrator) -> None:
     ctx = await browser.new_context()
@@ -667,7 +708,7 @@ async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushSer
     assert "apiKey" not in page.url
     await expect(page.get_by_label("Agent id")).to_have_value("agent-1")
     await page.get_by_label("Template", exact=True).select_option("msdyn_voicecall_incoming_unauthenticated")
-    await page.get_by_label("Parameter", exact=False).first.wait_for()
+    await expect(page.get_by_label("callerId", exact=True)).to_have_value("+44 20 7946 0321")
     send = page.get_by_role("button", name="Send offer")
 
     await send.click()
@@ -688,6 +729,149 @@ async def test_integrator_page_send_and_cancel(browser: Any, server: DeskpushSer
     await expect(row.locator(".state-chip")).to_have_text("Accept / Accept")
     await expect(row.get_by_role("button")).to_have_count(0)
     assert page.errors == [] and desktop.errors == []
+
+
+async def test_integrator_page_offers_the_servers_templates(browser: Any) -> None:
+    case = Template(name="crm_case_escalated", title="Case {caseNumber} escalated", icon="case",
+                    fields=(FieldTemplate(header="Customer", value="{customerName}"),
+                            FieldTemplate(header="Subject", value="{subject}")))
+    async with DeskpushServer(config_with(case), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+        desktop = await open_desktop(browser, srv, "agent-1")
+        page = await browser.new_page()
+        watch(page)
+        await page.goto(f"http://127.0.0.1:{srv.port}/integrator.html")
+        picker = page.get_by_label("Template", exact=True)
+        await expect(picker).to_be_disabled()  # no key, no list
+        await page.get_by_label("API key").fill("wrong")
+        await page.get_by_label("API key").dispatch_event("change")
+        await expect(picker.locator("option")).to_have_text(["API key rejected: no templates"])
+        await page.get_by_label("API key").fill(API_KEY)
+        await page.get_by_label("API key").dispatch_event("change")
+        # The server's list, the configured template included; no free text.
+        names = [t.name for t in srv.config.template_map().values()]
+        await expect(picker.locator("option")).to_have_text(names)
+        await picker.select_option("crm_case_escalated")
+        await expect(page.locator("#template-hint")).to_contain_text("Case {caseNumber} escalated")
+        # One input per parameter the template fills, in order.
+        await expect(page.locator(".param-key")).to_have_text(["caseNumber", "customerName", "subject"])
+        await expect(page.get_by_label("customerName", exact=True)).to_have_value("Jane Doe")
+        await page.get_by_label("caseNumber", exact=True).fill("42")
+        await page.get_by_label("subject", exact=True).fill("Refund")
+        await page.get_by_role("button", name="Send offer").click()
+        c = desktop.locator(".card")
+        await expect(c.locator(".card-title")).to_have_text("Case 42 escalated")
+        await expect(c.locator(".field-value")).to_have_text(["Jane Doe", "Refund"])
+        # cif.js's own call, beside CIF's API.
+        listed = await page.evaluate("Microsoft.CIFramework.deskpush.listTemplates()")
+        assert [t["name"] for t in listed] == names and listed[-1]["parameters"] == ["caseNumber", "customerName", "subject"]
+        assert set(await page.evaluate("Object.keys(Microsoft.CIFramework)")) == {
+            "configure", "notifyEvent", "cancelEvent", "addHandler", "removeHandler", "disconnect", "deskpush"}
+        assert page.errors == [] and desktop.errors == []
+
+
+# ---------------------------------------------------------------------------
+# A CRM page on another origin (docs/integrating.md)
+
+
+CRM_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>CRM</title><link rel="icon" href="data:,"></head>
+<body><h1>CRM widget</h1>
+<script type="module">
+  import "DESKPUSH/cif.js";
+  Microsoft.CIFramework.configure({CONFIG});
+  window.crmReady = true;
+</script>
+</body></html>
+"""
+
+
+class CrmSite:
+    """A second HTTP server on 127.0.0.1: another port, so another origin, serving one page at /."""
+
+    def __init__(self, page: str) -> None:
+        body = page.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                status = 200 if self.path == "/" else 404
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body) if status == 200 else 0))
+                self.end_headers()
+                if status == 200:
+                    self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> CrmSite:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("case", ["allowed", "default url", "origin refused"])
+async def test_cif_example_from_a_crm_page_on_another_origin(browser: Any, case: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="deskpush")
+    port = free_port()
+    deskpush = f"http://127.0.0.1:{port}"
+    config = {"apiKey": API_KEY, "agentId": "agent-1"}
+    if case != "default url":
+        config = {"url": f"ws://127.0.0.1:{port}", **config}
+    with CrmSite(CRM_PAGE.replace("DESKPUSH", deskpush).replace("{CONFIG}", json.dumps(config))) as crm:
+        allowed = (crm.origin if case != "origin refused" else "https://crm.example", deskpush)
+        cfg = Config(server=ServerSection(host="127.0.0.1", port=port, allowed_origins=allowed))
+        async with DeskpushServer(cfg, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+            desktop = await open_desktop(browser, srv, "agent-1")  # the desktop's own origin is listed
+            page = await browser.new_page()
+            watch(page)
+            logged: list[Any] = []
+
+            async def on_console(msg: Any) -> None:
+                if msg.type == "log":
+                    logged.append(await msg.args[0].json_value() if msg.args else msg.text)
+
+            page.on("console", on_console)
+            await page.goto(crm.origin + "/")
+            assert crm.origin != deskpush
+            # The module came from deskpush, across origins (a missing CORS header stops it here).
+            await page.wait_for_function("window.crmReady === true", timeout=TIMEOUT_MS)
+            await page.evaluate(CIF_HARNESS)
+            example = asyncio.create_task(page.evaluate(CIF_EXAMPLE))
+            if case == "origin refused":
+                # The browser tells the page nothing but a failed connection; cif.js retries, the log says why.
+                await eventually(lambda: page.evaluate("window.__states.some((s) => s.state === 'reconnecting')"), True)
+                assert await page.evaluate("window.__states.find((s) => s.state === 'reconnecting').code") == 1006
+                refusals = [r.getMessage() for r in caplog.records if "allowedOrigins" in r.getMessage()]
+                assert refusals and f"'{crm.origin}'" in refusals[0] and "/integrator" in refusals[0]
+                await expect(desktop.locator(".card")).to_have_count(0)
+                assert not example.done()
+                example.cancel()
+                page.remove_listener("console", on_console)
+                await page.close()
+                return
+            c = desktop.locator(".card")
+            await expect(c.locator(".card-title")).to_have_text("New chat request")
+            await c.get_by_role("button", name="Accept: New chat request").click()
+            await asyncio.wait_for(example, 5 * UNIT)
+            await eventually(lambda: logged, [{"value": {"actionName": "Accept", "responseReason": "Accept"}}])
+            assert page.errors == [] and desktop.errors == []
+            assert not [r for r in caplog.records if "allowedOrigins" in r.getMessage()]
+
+
+def free_port() -> int:
+    """A port free now, for a server whose address a page must know before it starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------

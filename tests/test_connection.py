@@ -315,6 +315,23 @@ async def test_a_client_gone_mid_frame_is_just_disconnected(server, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_the_start_of_a_bad_frame_then_eof_fails_as_websockets_would(server):
+    """Three bytes of a frame with an invalid opcode, then EOF: 1002, as websockets alone
+    answers when it reads them (found by the reliability run's differential check)."""
+    client, reader, writer = await _raw_agent(server)
+    writer.write(b"\x8e\xfe\x01")
+    await writer.drain()
+    writer.write_eof()
+    got = []
+    async with asyncio.timeout(5 * UNIT):
+        while chunk := await reader.read(65536):
+            client.receive_data(chunk)
+            got += client.events_received()
+    closes = [e for e in got if e.opcode is Opcode.CLOSE]
+    assert closes and closes[0].data == (1002).to_bytes(2, "big") + b"invalid opcode"
+    writer.close()
+
+
 async def test_a_client_that_stops_answering_pings_is_closed_1011():
     """The server pings every pingInterval; no pong within pingTimeout: 1011, and its session ends."""
     config = Config(server=ServerSection(host="127.0.0.1", port=0, ping_interval=0.2, ping_timeout=0.2))

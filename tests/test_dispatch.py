@@ -84,6 +84,7 @@ class FakeConn:
         self.write_ms = write_ms
         self.queued: list[bytes] = []
         self.writes: list[tuple[float, list[dict]]] = []
+        self.closed: tuple[int, str] | None = None
 
     def queue_frame(self, frame: bytes) -> int:
         self.queued.append(frame)
@@ -92,10 +93,17 @@ class FakeConn:
     def flush(self) -> None:
         if not self.queued:
             return
+        assert self.closed is None, f"{self} written after its close"
         frames = [json.loads(unframe(raw)) for raw in self.queued]
         self.queued.clear()
         self.clock.t += self.write_ms  # a write that takes long, on a slow machine
         self.writes.append((self.clock.t, frames))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Like the real one: what was queued goes first, nothing after."""
+        if self.closed is None:
+            self.flush()
+            self.closed = (code, reason)
 
     def frames(self, type_: str | None = None) -> list[dict]:
         return [fr for _, frames in self.writes for fr in frames if type_ is None or fr["type"] == type_]
@@ -204,3 +212,27 @@ def test_a_deadline_due_during_a_long_flush_is_not_kept_waiting():
     assert written_at == slow[0].writes[0][0] < slow[1].writes[0][0]
     assert written_at - card["expiresAt"] == 300  # after the first slow write only
     assert desk.frames("resolved")
+
+
+def test_a_session_over_the_agents_limit_closes_the_oldest_after_what_it_had_queued():
+    clock = FakeClock()
+    engine = Engine({"fast": FAST}, Limits(sessions_per_agent=2))
+    dispatcher = Dispatcher(engine, clock)
+    ig = FakeConn(clock, "integrator")
+    engine.integrator_connected(ig, "crm", clock.now())
+    tabs = [FakeConn(clock, f"tab-{i}") for i in range(3)]
+    for i, tab in enumerate(tabs[:2]):
+        dispatcher.apply(engine.agent_connected(tab, "agent-0", f"s{i}", clock.now()))
+    notify(dispatcher, engine, ig, "r1", "agent-0")
+    dispatcher.apply(engine.agent_connected(tabs[2], "agent-0", "s2", clock.now()))
+    clock.run_soon()
+    # The oldest got its welcome and the card, then the close; the others carry on.
+    assert [fr["type"] for fr in tabs[0].frames()] == ["welcome", "notification"]
+    assert tabs[0].closed == (4409, "replaced by a newer session of this agent")
+    assert tabs[1].closed is None and tabs[2].closed is None
+    assert [fr["type"] for fr in tabs[2].frames()] == ["welcome", "notification"]
+    card = tabs[2].frames("notification")[0]
+    respond = f.Respond(notification_id=card["notificationId"], action="Accept")
+    dispatcher.apply(engine.agent_frame(tabs[2], respond, clock.now()))
+    clock.run_soon()
+    assert tabs[1].frames("resolved") and tabs[2].frames("resolved")

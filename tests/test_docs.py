@@ -33,7 +33,7 @@ EXAMPLE_TOML = ROOT / "deskpush.example.toml"
 AGENT_IN = typing.get_args(f.AgentInbound)
 INTEGRATOR_IN = typing.get_args(f.IntegratorInbound)
 AGENT_OUT = (f.Welcome, f.Notification, f.Resolved, f.QueueLength, f.Pong, f.AgentError)
-INTEGRATOR_OUT = (f.Status, f.Result, f.Resumed, f.IntegratorError)
+INTEGRATOR_OUT = (f.Status, f.Result, f.Resumed, f.IntegratorError, f.Templates)
 DECODERS = {"agent": f.AGENT_DECODER, "integrator": f.INTEGRATOR_DECODER}
 OUTBOUND = {
     "agent": {s.__struct_config__.tag: s for s in AGENT_OUT},
@@ -250,7 +250,7 @@ def test_configuration_md_lists_the_builtin_templates():
 
 
 def test_configuration_md_toml_examples_load(tmp_path, monkeypatch):
-    monkeypatch.setenv("DESKPUSH_CRM_KEY", "crm-key-from-env")
+    monkeypatch.setenv("DESKPUSH_CRM_KEY", "crm-key-from-env-" + "e" * 32)
     text = read(CONFIGURATION_MD)
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
     assert blocks
@@ -273,7 +273,7 @@ def test_configuration_md_cli_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert commands == ["serve", "token", "notify"]
+    assert commands == ["serve", "token", "notify", "reload"]
     for command in commands:
         assert f"### deskpush {command}" in text, command
         with pytest.raises(SystemExit):

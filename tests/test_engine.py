@@ -19,12 +19,14 @@ from deskpush.protocol.engine import (
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
+    Close,
     Ended,
     Limits,
     Send,
     State,
 )
 from deskpush.protocol.templates import FieldTemplate, Template
+from deskpush.protocol.vocabulary import CLOSE_SESSION_REPLACED
 
 from .engine_helpers import (
     AUTO,
@@ -115,11 +117,12 @@ def test_cif_example_empty_parameters_accept():
         {"type": "resolved", "notificationId": note.notification_id, "actionName": "Accept",
          "responseReason": "Accept"},
     ]
-    assert ended(out) == [Ended(note.notification_id, "a1", "k1", None, ACCEPTED, True)]
+    assert ended(out) == [Ended(note.notification_id, "a1", "k1", None, ACCEPTED, True, 0.0)]
     assert h.engine.outcome_of(note.notification_id) == ACCEPTED
     assert h.engine.state_of(note.notification_id) is State.ENDED
     assert h.engine.displayed("a1") == []
     assert h.engine.outcomes == 1
+    assert h.engine.offers == 1
 
 
 def test_reject_is_declined_by_agent():
@@ -136,8 +139,10 @@ def test_reject_is_declined_by_agent():
 def test_ended_effect_carries_correlation_id():
     h = setup()
     nid = offer(h, "r1", correlation_id="ticket-42")
+    h.now += 2500.0
     out = h.respond("s1", nid, "Accept")
-    assert ended(out) == [Ended(nid, "a1", "k1", "ticket-42", ACCEPTED, True)]
+    # duration: milliseconds from the notifyEvent to the outcome (for the metrics).
+    assert ended(out) == [Ended(nid, "a1", "k1", "ticket-42", ACCEPTED, True, 2500.0)]
 
 
 def test_ping_pong_carries_server_time():
@@ -858,6 +863,67 @@ def test_respond_from_a_closed_session_is_not_an_answer():
 
 
 # ---------------------------------------------------------------------------
+# Sessions per agent: the newest works, the oldest is closed
+
+
+def closes(effects) -> list[Close]:
+    return [e for e in effects if isinstance(e, Close)]
+
+
+def test_sessions_per_agent_default_ten_the_eleventh_closes_the_oldest():
+    h = setup()  # s1 is the first
+    for i in range(2, 11):
+        assert closes(h.connect(f"s{i}", "a1")) == []
+    out = h.connect("s11", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    assert CLOSE_SESSION_REPLACED.code == 4409
+    # The newest is welcomed as usual; the closed one is no session any more.
+    assert [type(x).__name__ for x in sent_to(out, "s11")] == ["Welcome"]
+    assert h.engine.statistics()["agentSessions"] == 10
+    # Then the next oldest, one at a time.
+    assert closes(h.connect("s12", "a1")) == [Close(("s2",), CLOSE_SESSION_REPLACED)]
+
+
+def test_replaced_session_gets_nothing_more_and_its_disconnect_changes_nothing():
+    h = setup(Limits(sessions_per_agent=2))
+    h.connect("s2", "a1")
+    out = h.connect("s3", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    since = len(h.log)
+    nid = offer(h, "r1")
+    h.respond("s3", nid, "Accept")
+    assert "s1" not in targets(h.log[since:]) and {"s2", "s3"} <= targets(h.log[since:])
+    # The closed session's disconnect comes later (when its socket closes): a no-op,
+    # no presence grace starts, the agent keeps its two sessions.
+    assert h.disconnect("s1") == []
+    assert h.engine.statistics()["agentSessions"] == 2
+    # A respond it sent before its socket closed is not an answer.
+    nid2 = offer(h, "r2")
+    assert ended(h.respond("s1", nid2, "Reject")) == []
+    assert h.engine.state_of(nid2) is State.DISPLAYED
+
+
+def test_replaced_session_order_follows_connects_not_ids():
+    h = setup(Limits(sessions_per_agent=2))
+    h.connect("a-second", "a1")
+    h.disconnect("s1")  # the oldest leaves on its own
+    h.connect("0-third", "a1")
+    assert closes(h.connect("z-fourth", "a1")) == [Close(("a-second",), CLOSE_SESSION_REPLACED)]
+
+
+def test_sessions_per_agent_counts_per_agent_and_one_replays_displayed():
+    h = setup(Limits(sessions_per_agent=1))
+    h.connect("t1", "a2")  # another agent: its own count
+    nid = offer(h, "r1")
+    out = h.connect("s2", "a1")
+    assert closes(out) == [Close(("s1",), CLOSE_SESSION_REPLACED)]
+    # The new session gets the replay, and the notification stays displayed.
+    assert [x.notification_id for x in sent_to(out, "s2", f.Notification)] == [nid]
+    assert ended(out) == []
+    assert h.engine.statistics()["agentSessions"] == 2
+
+
+# ---------------------------------------------------------------------------
 # Agent presence: disconnect, replay, grace
 
 
@@ -1018,7 +1084,7 @@ def test_integrator_disconnect_does_not_cancel_outcome_goes_to_history():
     assert h.engine.state_of(nid) is State.DISPLAYED
     out = h.respond("s1", nid, "Accept")
     assert targets(out) == {"s1"}  # nothing to the gone connection
-    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False)]
+    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", ACCEPTED, False, 0.0)]
     assert history(h) == [("r1", ACCEPTED)]
     assert history(h, "k2") == []
     # Another connection of the same integrator can still cancel-by-token to learn the outcome.
@@ -1050,7 +1116,7 @@ def test_integrator_disconnect_then_cancel_by_another_connection_of_the_integrat
     out = h.cancel("i2", "c1", "T")
     assert targets(out) == {"i2", "s1"}  # i2 did not resume: it gets its cancel's answer only
     assert [(r.request_id, outcome_of_result(r)) for r in results(out, "i2")] == [("c1", CANCELLED)]
-    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", CANCELLED, False)]
+    assert ended(out) == [Ended(nid, "a1", "k1", "c-r1", CANCELLED, False, 0.0)]
     assert history(h) == [("r1", CANCELLED)]
 
 
@@ -1112,7 +1178,7 @@ def test_statistics():
     offer(h, "r1")
     offer(h, "r2")
     assert h.engine.statistics() == {"agents": 1, "agentSessions": 2, "integrators": 1, "live": 2,
-                                     "displayed": 1, "outcomes": 0, "remembered": 0, "history": 0, "timers": 2}
+                                     "displayed": 1, "outcomes": 0, "offers": 2, "remembered": 0, "history": 0, "timers": 2}
 
 
 @pytest.mark.parametrize("action, outcome", [("Accept", ACCEPTED), ("Reject", DECLINED)])

@@ -10,6 +10,8 @@ sends, and uses only the engine's public queries to check its invariants:
   still connected when the notification ended (v1 connections: none of them
   resumes), and always one entry in the integrator's history of outcomes;
 * never a frame to a connection that is closed (or never was opened);
+* per agent at most sessions_per_agent sessions: a new one beyond closes the
+  oldest (``Close``), which gets nothing after;
 * per agent, displayed <= display_limit and queued <= queue_limit, FIFO;
 * nothing sent about a notification after it ended (notification, status,
   resolved, result), except error replies; no replay of an ended one;
@@ -45,6 +47,7 @@ from deskpush.protocol.engine import (
     DISPLAY_TIMEOUT,
     QUEUE_LIMIT,
     QUEUE_TIME_LIMIT,
+    Close,
     Ended,
     Engine,
     Limits,
@@ -52,6 +55,7 @@ from deskpush.protocol.engine import (
     Send,
 )
 from deskpush.protocol.templates import Template
+from deskpush.protocol.vocabulary import CLOSE_SESSION_REPLACED
 
 from .engine_helpers import T0, cancel_frame, notify_frame, respond_frame
 
@@ -114,10 +118,14 @@ class EngineMachine(RuleBasedStateMachine):
         grace=st.sampled_from([0.0, 0.2, 1.0, 5.0]),
         start=st.sampled_from([T0, T0 + 0.25]),
         resolution=st.sampled_from([0.0, 0.05]),
+        sessions_per_agent=st.sampled_from([1, 2, 3, 10]),
     )
-    def setup(self, display_limit, queue_limit, queue_timeout, grace, start, resolution):
+    def setup(self, display_limit, queue_limit, queue_timeout, grace, start, resolution, sessions_per_agent):
         self.limits = Limits(display_limit=display_limit, queue_limit=queue_limit,
-                             queue_timeout=queue_timeout, presence_grace=grace, timer_resolution=resolution)
+                             queue_timeout=queue_timeout, presence_grace=grace, timer_resolution=resolution,
+                             sessions_per_agent=sessions_per_agent)
+        self.replacing: tuple[str, ...] = ()  # the sessions the next event must close, oldest first
+        self.replaced: list[str] = []  # closed by the engine, their socket not closed yet
         self.counter = itertools.count(1)
         self.issued: list[str] = []
         self.engine = Engine(TEMPLATES, self.limits, new_id=self._new_id)
@@ -175,6 +183,14 @@ class EngineMachine(RuleBasedStateMachine):
                 self.last_outcome[tk] = e.outcome
                 assert [(r.value.action_name, r.value.response_reason) for r in self.engine.history(req.integrator)
                         if r.request_id == req.rid] == [e.outcome]
+                continue
+            if isinstance(e, Close):
+                # From here the replaced sessions get nothing (checked below, as closed).
+                assert e == Close(self.replacing, CLOSE_SESSION_REPLACED), (e, self.replacing)
+                for conn in e.targets:
+                    del self.sessions[conn]
+                    self.replaced.append(conn)
+                self.replacing = ()
                 continue
             assert isinstance(e, Send), e
             sends.append(e)
@@ -264,11 +280,14 @@ class EngineMachine(RuleBasedStateMachine):
         doomed = self._due()
         displayed = [] if agent in doomed else self.engine.displayed(agent)
         queued = [] if agent in doomed else self.engine.queued(agent)
+        mine = [c for c, a in self.sessions.items() if a == agent]  # oldest first
+        self.replacing = tuple(mine[:max(0, len(mine) + 1 - self.limits.sessions_per_agent)])
         self.sessions[conn] = agent
         self.shown[conn] = set()
         self.last_queue[conn] = 0
         sends, ended = self._event(doomed, lambda: self.engine.agent_connected(conn, agent, f"sess-{conn}",
                                                                               self.now))
+        assert not self.replacing, f"{self.replacing} not closed"
         frames = self._only_to(sends, conn)
         assert not ended
         assert frames[0] == f.Welcome(agent_id=agent, session_id=f"sess-{conn}", server_time=int(self.now),
@@ -286,6 +305,14 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.engine.agent_disconnected(conn, self.now) == []
         if agent not in self.sessions.values():
             self.grace[agent] = self.now + self.limits.presence_grace * 1000.0
+
+    @precondition(lambda self: self.engine is not None and self.replaced)
+    @rule(data=st.data())
+    def replaced_session_socket_closes(self, data):
+        # The server tells the engine when the replaced session's socket is gone: nothing happens.
+        conn = data.draw(st.sampled_from(self.replaced))
+        self.replaced.remove(conn)
+        assert self.engine.agent_disconnected(conn, self.now) == []
 
     @precondition(lambda self: self.engine is not None and self.sessions)
     @rule(data=st.data(), action=st.sampled_from(["Accept", "Reject"]), pick=st.integers(0, 1000),

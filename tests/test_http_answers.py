@@ -118,6 +118,16 @@ async def test_methods_other_than_get_and_head_get_405(server, method, path):
     has_security_headers(headers)
 
 
+@pytest.mark.parametrize("line", [b"G\x00T /healthz HTTP/1.1", b"GET /healthz", b"GET  /healthz HTTP/1.1",
+                                  b"GET /healthz HTTP/one"])
+async def test_an_invalid_request_line_gets_400(server, line):
+    """RFC 9112 section 3 (found by the reliability fuzz: G\x00T was served as a GET)."""
+    answer = await exchange(server.port, line + b"\r\nHost: 127.0.0.1\r\n\r\n" + request("GET", "/healthz"))
+    ((status, headers, body),) = parse(answer)
+    assert status == 400 and body == b"Bad Request: invalid request line\n"
+    has_security_headers(headers)
+
+
 async def test_a_post_with_a_body_gets_405_and_its_body_is_not_a_request(server):
     body = request("GET", "/healthz")  # a body that looks like a request is still a body
     answer = await exchange(server.port, request("POST", "/healthz", f"Content-Length: {len(body)}\r\n", body))

@@ -2,11 +2,13 @@
 
 import asyncio
 import io
+import json
 import logging
+import re
 import time
 
 from deskpush.server import DeskpushServer, logs
-from deskpush.server.logs import FORMAT, LineFormatter, TickHandler, direct_writer
+from deskpush.server.logs import FORMAT, JsonFormatter, LineFormatter, TickHandler, direct_writer
 
 from .conftest import API_KEY, SECRET, make_config, open_agent, open_integrator, recv_json, send_json
 
@@ -117,3 +119,82 @@ async def test_direct_lines_carry_their_own_millisecond(monkeypatch):
     await asyncio.sleep(0)  # the turn ends: lines written
     stamps = [line.split(" INFO ")[0][-3:] for line in stream.getvalue().splitlines()]
     assert stamps == ["001", "001", "002", "090"]
+
+
+# ---------------------------------------------------------------------------
+# --log-format json
+
+
+def _json_logger(name: str, stream: io.StringIO) -> logging.Logger:
+    handler = TickHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger(name)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
+def test_json_lines_are_one_object_each_with_time_level_logger_and_message():
+    stream = io.StringIO()
+    log = _json_logger("deskpush.test.json", stream)
+    log.warning("refused %d connections", 3)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("error handling a message from %s", ("10.0.0.1", 5000))
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first == {"time": first["time"], "level": "WARNING", "logger": "deskpush.test.json",
+                     "message": "refused 3 connections"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+
+
+async def test_json_outcome_lines_carry_the_outcome_fields_as_keys():
+    stream = io.StringIO()
+    _json_logger("deskpush.outcome", stream)  # before the start, which decides how to log
+    try:
+        async with DeskpushServer(make_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as server:
+            agent, _ = await open_agent(server)
+            ig = await open_integrator(server)
+            for rid, correlation in (("r1", "case-42"), ("r2", None)):
+                frame = {"type": "notifyEvent", "requestId": rid, "agentId": "agent-7", "progress": False,
+                         "input": {"templateName": "msdyn_chat_incoming_unauthenticated"}}
+                if correlation:
+                    frame["correlationId"] = correlation
+                await send_json(ig, frame)
+                card = await recv_json(agent)
+                while card["type"] != "notification":  # the first one's resolved
+                    card = await recv_json(agent)
+                await send_json(agent, {"type": "respond", "notificationId": card["notificationId"],
+                                        "action": "Accept" if correlation else "Reject"})
+                while (await recv_json(ig))["type"] != "result":
+                    pass
+            await asyncio.sleep(0)
+    finally:
+        logging.getLogger("deskpush.outcome").handlers.clear()
+        logging.getLogger("deskpush.outcome").propagate = True
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [{k: v for k, v in line.items() if k not in ("time", "notificationId")} for line in lines] == [
+        {"level": "INFO", "logger": "deskpush.outcome", "message": "outcome", "agentId": "agent-7",
+         "correlationId": "case-42", "integrator": "crm", "actionName": "Accept", "responseReason": "Accept",
+         "delivered": True},
+        {"level": "INFO", "logger": "deskpush.outcome", "message": "outcome", "agentId": "agent-7",
+         "correlationId": None, "integrator": "crm", "actionName": "Reject", "responseReason": "DeclinedByAgent",
+         "delivered": True},
+    ]
+
+
+async def test_json_outcome_fields_reach_a_json_formatter_through_ordinary_logging():
+    """A filter on the way (so no direct path): the record carries the fields all the same."""
+    stream = io.StringIO()
+    log = _json_logger("deskpush.test.json-filtered", stream)
+    log.addFilter(lambda record: True)
+    write = logs.outcome_logger(log)
+    from deskpush.protocol import Ended
+    from deskpush.protocol.vocabulary import ACCEPTED
+
+    write(Ended("n1", "agent-1", "crm", "case-7", ACCEPTED, False, 10.0))
+    log.handlers[0].flush()  # the lines of this loop turn
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert line["message"] == "outcome" and line["correlationId"] == "case-7" and line["delivered"] is False

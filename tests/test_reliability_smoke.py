@@ -139,11 +139,12 @@ def test_tracebacks_are_found_with_their_exception():
 
 def test_the_config_writer_gives_a_config_the_server_loads():
     p = soak.SoakParams(agents=10, offer_rate=5)
-    config = soak.soak_config(p, {"a": "key-a", "b": "key \"b\""})
+    a, b = "key-a-" + "x" * 32, "key \"b\" " + "y" * 32  # 32 bytes at least, as the server asks
+    config = soak.soak_config(p, {"a": a, "b": b})
     config["server"]["stateFile"] = "/tmp/x.json"
     text = proc.toml(config)
     config = msgspec.toml.decode(text.encode(), type=Config)
-    assert config.api_keys() == {"a": "key-a", "b": 'key "b"'}
+    assert config.api_keys() == {"a": a, "b": b}
     assert config.limits.recent_outcomes == p.caps and config.server.state_file == "/tmp/x.json"
     assert config.template_map()[soak.SHORT].timeout == p.short_timeout
 

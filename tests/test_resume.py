@@ -480,3 +480,28 @@ def test_the_property_exercised_cuts():
     if stats["runs"] == 0:  # run alone
         test_every_request_gets_exactly_one_outcome_whatever_is_cut()
     assert stats["requests"] > 100 and stats["resumed"] > 50, stats
+
+
+def test_an_offers_duration_counts_from_its_notify_event_across_a_snapshot():
+    """The offer-to-outcome time (``Ended.duration``, for the metrics) includes the restart."""
+    import msgspec
+
+    h = setup()
+    nid = offer(h, "r1")
+    h.now += 5000
+    data = msgspec.json.encode(h.engine.snapshot(h.now))
+    later = Harness(Limits(), now=h.now + 1000)
+    later.engine.restore(msgspec.json.decode(data, type=Snapshot), later.now)
+    later.connect("s1", "a1")
+    later.now += 500
+    [e] = [x for x in later.respond("s1", nid, "Accept") if isinstance(x, Ended)]
+    assert e.duration == 6500.0
+    # A snapshot of an earlier version kept no time: the outcome is not timed.
+    old = msgspec.json.decode(data)
+    for n in old["notifications"]:
+        del n["createdAt"]
+    again = Harness(Limits(), now=later.now)
+    again.engine.restore(msgspec.convert(old, Snapshot), again.now)
+    again.connect("s1", "a1")
+    [e] = [x for x in again.respond("s1", nid, "Accept") if isinstance(x, Ended)]
+    assert e.duration is None
