@@ -273,7 +273,8 @@ NOTES = """\
   purpose from one address: with it on, every later case would be refused before reaching the code it
   targets. Deviations are checked where the RFCs are exact: a
   text message that is not UTF-8 must fail the connection with 1007 (RFC 6455 section 8.1) unless another
-  limit closed it first (1002, 1008, 1009); a HEAD response has no content (RFC 9110 section 9.3.2); a
+  limit closed it first (1002, 1008, 1009); a response to a HEAD request (one with a valid request
+  line: an invalid one gets its 400 like any other) has no content (RFC 9110 section 9.3.2); a
   method other than GET and HEAD is not served a page (issue 13 asks for 405). The bystander: an agent and
   an integrator with their own key doing offer round trips (notifyEvent, notification, Accept, result,
   resolved) every 20 ms for the whole fuzz, each within 5 s.
