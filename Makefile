@@ -64,7 +64,7 @@ bench: $(STAMP)
 # The reliability run against real servers: a 10-minute churn soak with 2,000 agents,
 # a hypothesis fuzz of both endpoints, deskpush's frame parser against websockets',
 # and faults (drops, restarts, slow readers, floods). Prints the tables and writes
-# reliability/RESULTS.md (about 20 min on 2 cores); exits 1 if an expectation is
+# reliability/RESULTS.md (about 15 min on 2 cores); exits 1 if an expectation is
 # not met. `make soak ARGS=--quick` takes about 3 minutes.
 soak: $(STAMP)
 	$(PY) -m reliability.run $(ARGS)

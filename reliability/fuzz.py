@@ -429,8 +429,10 @@ class Fuzz:
         if family.kind == "http":
             methods = extra
             for i, (status, headers, body) in enumerate(parse_responses(seen.raw)):
-                method = methods[i] if i < len(methods) else "?"
-                if method == "HEAD" and body:
+                method, line_ok = methods[i] if i < len(methods) else ("?", False)
+                # Only a valid request line makes a HEAD request; an invalid one gets its 400
+                # like any other (RFC 9112 section 3).
+                if method == "HEAD" and line_ok and body:
                     r.deviations += 1
                     self.find("HEAD answered with content (RFC 9110 9.3.2)", family, case, seen)
                 if method not in ("GET", "HEAD", "?") and 200 <= status < 300 or (method not in ("GET", "?")

@@ -1,6 +1,6 @@
 """deskpush's reliability run: a churn soak, a fuzz, a parser differential and faults; one table.
 
-    python -m reliability.run              # everything (about 20 minutes on 2 cores): 10-minute soak
+    python -m reliability.run              # everything (about 15 minutes on 2 cores): 10-minute soak
                                            # with 2,000 agents, 4,000 fuzz cases, 1,000 differential streams
     python -m reliability.run --quick      # the same in about 3 minutes: 1-minute soak, 200 agents, ...
     python -m reliability.run --only fuzz,differential --seed 7 --cases 10000
@@ -273,7 +273,8 @@ NOTES = """\
   purpose from one address: with it on, every later case would be refused before reaching the code it
   targets. Deviations are checked where the RFCs are exact: a
   text message that is not UTF-8 must fail the connection with 1007 (RFC 6455 section 8.1) unless another
-  limit closed it first (1002, 1008, 1009); a HEAD response has no content (RFC 9110 section 9.3.2); a
+  limit closed it first (1002, 1008, 1009); a response to a HEAD request (one with a valid request
+  line: an invalid one gets its 400 like any other) has no content (RFC 9110 section 9.3.2); a
   method other than GET and HEAD is not served a page (issue 13 asks for 405). The bystander: an agent and
   an integrator with their own key doing offer round trips (notifyEvent, notification, Accept, result,
   resolved) every 20 ms for the whole fuzz, each within 5 s.

@@ -373,7 +373,8 @@ PATHS = ["/agent", "/integrator", "/integrator?resumeAfter=$", "/integrator?resu
 
 
 @st.composite
-def one_request(draw: st.DrawFn, ctx: Context) -> tuple[bytes, str, str]:
+def one_request(draw: st.DrawFn, ctx: Context) -> tuple[bytes, str, str, bool]:
+    """(bytes, method, a note, whether the request line is valid: RFC 9112 section 3)."""
     method = draw(st.sampled_from(METHODS))
     path = draw(st.sampled_from(PATHS))
     version = draw(st.sampled_from(["HTTP/1.1"] * 8 + ["HTTP/1.0", "HTTP/2", "HTTP/1.1 x", "HTTP/9.9", ""]))
@@ -416,16 +417,19 @@ def one_request(draw: st.DrawFn, ctx: Context) -> tuple[bytes, str, str]:
     lines += [name if value is None else f"{name}: {value}" for name, value in headers]
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
     note = f"{method} {path[:40]} {version}{' upgrade' if upgrade else ''}{'' if extra == 'none' else ' +' + extra}"
-    return raw, method, note
+    line_ok = (re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", method) is not None and version in ("HTTP/1.1", "HTTP/1.0")
+               and all(33 <= ord(c) < 127 for c in path))
+    return raw, method, note, line_ok
 
 
 @st.composite
-def http_requests(draw: st.DrawFn, ctx: Context) -> tuple[Case, list[str]]:
-    """One request, or two or three pipelined in one write, maybe cut short; and their methods."""
+def http_requests(draw: st.DrawFn, ctx: Context) -> tuple[Case, list[tuple[str, bool]]]:
+    """One request, or two or three pipelined in one write, maybe cut short; their methods, and whether
+    each request line is valid."""
     n = draw(st.sampled_from([1] * 6 + [2, 3]))
     reqs = [draw(one_request(ctx)) for _ in range(n)]
-    data = b"".join(r for r, _, _ in reqs)
-    notes = [note for _, _, note in reqs]
+    data = b"".join(r for r, _, _, _ in reqs)
+    notes = [note for _, _, note, _ in reqs]
     if n > 1:
         notes.insert(0, f"{n} pipelined")
     complete = True
@@ -433,4 +437,4 @@ def http_requests(draw: st.DrawFn, ctx: Context) -> tuple[Case, list[str]]:
         cut = draw(st.integers(1, len(data) - 1))
         data, complete = data[:cut], False
         notes.append(f"cut at byte {cut}")
-    return Case(data=data, complete=complete, notes=tuple(notes)), [m for _, m, _ in reqs]
+    return Case(data=data, complete=complete, notes=tuple(notes)), [(m, ok) for _, m, _, ok in reqs]
