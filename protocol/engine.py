@@ -525,6 +525,17 @@ class Engine:
         self.templates = dict(templates)
         self._renderers = renderers
 
+    def __getstate__(self) -> dict[str, object]:
+        # Renderers hold compiled functions, which do not pickle (cluster
+        # mode's snapshots do); they are made again from the templates.
+        state = self.__dict__.copy()
+        del state["_renderers"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._renderers = {name: Renderer(t) for name, t in self.templates.items()}
+
     # ------------------------------------------------------------------
     # Queries
 

@@ -48,6 +48,7 @@ import math
 import random
 import secrets
 from collections.abc import Sequence
+from typing import Any
 from http import HTTPStatus
 
 import msgspec
@@ -58,6 +59,7 @@ from ..protocol.vocabulary import CLOSE_SERVICE_RESTART, CloseCode
 from . import logs, metrics
 from .auth import ApiKeys, FailureThrottle, Network, source_address
 from .clock import Clock, LoopClock
+from .cluster import ClusterDispatcher, ClusterNode
 from .config import Config
 from .connection import Connection, ConnectionOptions
 from .dispatch import Dispatcher
@@ -110,9 +112,21 @@ class DeskpushServer:
 
     def __init__(self, config: Config, *, jwt_secret: str | None = None, api_keys: dict[str, str] | None = None) -> None:
         self.config = config
-        self.tokens = config.agent_tokens(jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32))
+        secret = jwt_secret or config.jwt_secret() or secrets.token_urlsafe(32)
+        self.tokens = config.agent_tokens(secret)
         self.api_keys = ApiKeys(api_keys if api_keys is not None else config.api_keys())
-        self.engine = Engine(config.template_map(), config.limits)
+        config.check_cluster()
+        c = config.cluster
+        #: Cluster mode's node (docs/cluster.md), or None: embedded mode.
+        self.cluster: ClusterNode | None = None
+        if c.redis is not None:
+            self.cluster = ClusterNode(
+                c.redis, secret, config.template_map(), config.limits, prefix=c.prefix,
+                heartbeat=c.heartbeat, node_timeout=c.node_timeout, redis_timeout=c.redis_timeout,
+                snapshot_interval=c.snapshot_interval, max_buffered=c.max_buffered)
+            self._engine = None
+        else:
+            self._engine = Engine(config.template_map(), config.limits)
         self.site = Site(demo=config.server.demo)
         self.auth_failures = FailureThrottle(config.auth.failed_auth_limit, config.auth.failed_auth_window)
         self._trusted = config.trusted_networks()
@@ -163,15 +177,23 @@ class DeskpushServer:
             # now, not found out at SIGTERM with every pending offer in hand.
             self.state_file.check()
             snapshot = self.state_file.load()
-        self._clock = clock = LoopClock(loop)
-        self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log),
-                                      counts=self.counts)
+        events: Any = self._engine  # what the endpoints hand their sessions' events to
+        if self.cluster is not None:
+            self._clock = clock = await self.cluster.start(loop)  # ClusterError: nothing listens
+            self._dispatcher = ClusterDispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log),
+                                                 counts=self.counts)
+            self.cluster.attach(self._dispatcher)
+            events = self.cluster
+        else:
+            self._clock = clock = LoopClock(loop)
+            self._dispatcher = Dispatcher(self.engine, clock, log_outcome=logs.outcome_logger(outcome_log),
+                                          counts=self.counts)
         self._guard = guard = _Guard(self.auth_failures, self._trusted, clock, self.config.auth.failed_auth_limit)
         self._busy = _EverySecond(clock)
         self._endpoints = {
-            "/agent": agent_endpoint(self.engine, self.tokens, rate=s.agent_rate, burst=s.agent_burst,
+            "/agent": agent_endpoint(events, self.tokens, rate=s.agent_rate, burst=s.agent_burst,
                                      hello_timeout=s.hello_timeout),
-            "/integrator": integrator_endpoint(self.engine, self.api_keys, rate=s.integrator_rate,
+            "/integrator": integrator_endpoint(events, self.api_keys, rate=s.integrator_rate,
                                                burst=s.integrator_burst, hello_timeout=s.hello_timeout,
                                                guard=guard),
         }
@@ -186,7 +208,12 @@ class DeskpushServer:
         )
         self._stopped = asyncio.Event()
         before, limit = raise_open_files_limit()  # every connection takes one
-        sockets = await bind(s.host, s.port, s.backlog)
+        try:
+            sockets = await bind(s.host, s.port, s.backlog)
+        except OSError:
+            if self.cluster is not None:
+                await self.cluster.close()
+            raise
         self._listener = Listener(sockets, lambda: self._connection(options, loop), backlog=s.backlog,
                                   counts=self._accepts)
         self.port = self._listener.port
@@ -284,8 +311,17 @@ class DeskpushServer:
             return "not listening"
         if self._draining:
             return "draining"
-        # Cluster mode adds its own condition here: the node's Redis is reachable.
+        if self.cluster is not None:
+            return self.cluster.not_ready()
         return None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine: this server's own, or in cluster mode this node's replica of the cluster's."""
+        if self.cluster is not None:
+            return self.cluster.replica.engine
+        assert self._engine is not None
+        return self._engine
 
     def reload(self, config: Config, api_keys: dict[str, str]) -> None:
         """Use the templates of ``config`` and ``api_keys`` from now on, keeping every connection.
@@ -294,7 +330,10 @@ class DeskpushServer:
         template it was created with, a connection the key it authenticated
         with. The rest of ``config`` is not taken (``config.needs_restart`` names what differs).
         """
-        self.engine.replace_templates(config.template_map())
+        if self.cluster is not None:
+            self.cluster.replace_rules(config.template_map())  # every node's, from the log
+        else:
+            self.engine.replace_templates(config.template_map())
         self.api_keys.replace(api_keys)
         self.config = msgspec.structs.replace(self.config, builtin_templates=config.builtin_templates,
                                               templates=config.templates)
@@ -325,6 +364,8 @@ class DeskpushServer:
             self._all_closed = asyncio.Event()
             await self._all_closed.wait()
         assert self._dispatcher is not None and self._clock is not None and self._stopped is not None
+        if self.cluster is not None:
+            await self.cluster.close()  # the connections' last events go first
         self._dispatcher.close()
         try:
             if self.state_file is not None:
@@ -409,6 +450,8 @@ class DeskpushServer:
         if endpoint:
             if self._draining:
                 return draining()
+            if self.cluster is not None and self.cluster.not_ready() is not None:
+                return draining()  # Redis away: the client should try another node, or later
             if len(self._pending) > self.config.server.max_pending_handshakes:
                 return self._too_busy()
             refused = self._refuse_origin(conn, request, path)

@@ -72,6 +72,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = config.server
         config = msgspec.structs.replace(config, server=msgspec.structs.replace(
             server, host=args.host or server.host, port=server.port if args.port is None else args.port))
+    if args.redis:
+        config = msgspec.structs.replace(config, cluster=msgspec.structs.replace(config.cluster, redis=args.redis))
+    try:
+        config.check_cluster()
+    except ConfigError as exc:
+        print(f"deskpush: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     secret = config.jwt_secret()
     keys = config.api_keys()
     dev = _dev_secrets(args.dev_secrets) if args.dev_secrets and not (secret and keys) else {}
@@ -96,6 +103,7 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
     import anyio
 
     from .app import DeskpushServer
+    from .cluster import ClusterError
     from .state import StateFileError
 
     log = logging.getLogger("deskpush")
@@ -121,7 +129,7 @@ async def _serve(config: Config, secret: str, keys: dict[str, str], banner: Call
                 pid_file.write()
             await srv.start()
             started = True
-        except (StateFileError, PidFileError) as exc:
+        except (StateFileError, PidFileError, ClusterError) as exc:
             print(f"deskpush: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         except OSError as exc:
@@ -668,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(made owner-only the first time) so they survive a restart; what {JWT_SECRET_ENV}, "
                         f"{API_KEY_ENV} or the config sets wins (make serve uses .venv/deskpush-dev.env; "
                         "default: none, new ones each run)")
+    s.add_argument("--redis", metavar="URL",
+                   help="run as a node of a cluster on this Redis 7 (cluster.redis), e.g. redis://127.0.0.1:6379/0; "
+                        "every node names the same one and shares auth.jwtSecret and the integrator keys "
+                        "(default: none, embedded mode)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("token", help="print an agent token",

@@ -21,7 +21,7 @@ from msgspec import Meta
 from ..protocol import BUILTIN_TEMPLATES, Limits, Template
 from .auth import MIN_SECRET_BYTES, AgentTokens, Network
 
-__all__ = ["Config", "ServerSection", "AuthSection", "ApiKey", "ConfigError", "load", "default", "needs_restart"]
+__all__ = ["Config", "ServerSection", "AuthSection", "ClusterSection", "ApiKey", "ConfigError", "load", "default", "needs_restart"]
 
 JWT_SECRET_ENV = "DESKPUSH_JWT_SECRET"
 API_KEY_ENV = "DESKPUSH_API_KEY"
@@ -110,6 +110,24 @@ class AuthSection(_Section):
     failed_auth_window: Annotated[float, Meta(gt=0)] = 60.0
 
 
+class ClusterSection(_Section):
+    """Cluster mode (docs/cluster.md): several nodes sharing one Redis 7. No ``redis``: embedded mode."""
+
+    # redis://[:password@]host:port/db (rediss:// for TLS); every node of a cluster names the same one.
+    redis: str | None = None
+    # Namespace of the cluster's keys in Redis (one hash tag): two clusters may share a Redis.
+    prefix: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = "deskpush"
+    # Seconds between a node's heartbeats; a node silent for nodeTimeout is declared down.
+    heartbeat: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    node_timeout: Annotated[float, Meta(gt=0, le=600)] = 3.0
+    # Redis unreachable this long: at start, give up; running, /readyz 503 and new sessions refused.
+    redis_timeout: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    # Seconds between snapshots of the state (the log is trimmed to the one before).
+    snapshot_interval: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    # Events a node keeps while Redis is unreachable; past that a connection's next one closes it (1013).
+    max_buffered: Annotated[int, Meta(ge=1000)] = 100_000
+
+
 class Config(_Section):
     server: ServerSection = ServerSection()
     auth: AuthSection = AuthSection()
@@ -117,6 +135,7 @@ class Config(_Section):
     # Keep the built-in templates; [[templates]] with the same name replace them.
     builtin_templates: bool = True
     templates: tuple[Template, ...] = ()
+    cluster: ClusterSection = ClusterSection()
 
     def template_map(self) -> dict[str, Template]:
         out = {t.name: t for t in BUILTIN_TEMPLATES} if self.builtin_templates else {}
@@ -178,6 +197,22 @@ class Config(_Section):
             except ValueError:
                 raise ConfigError(f"{entry!r} is not an IP address or network - at $.server.trustedProxies") from None
         return tuple(out)
+
+    def check_cluster(self) -> None:
+        """Raise ``ConfigError`` for a cluster section that cannot work."""
+        c = self.cluster
+        if c.redis is None:
+            return
+        if not c.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"cluster.redis must be a redis://, rediss:// or unix:// URL, not {c.redis!r} "
+                              "- at $.cluster.redis")
+        if self.server.state_file is not None:
+            raise ConfigError("server.stateFile is for embedded mode: in cluster mode the state is in Redis "
+                              "(remove one of them) - at $.server.stateFile")
+        if c.node_timeout < 2 * c.heartbeat:
+            raise ConfigError(f"cluster.nodeTimeout ({c.node_timeout:g} s) must be at least twice "
+                              f"cluster.heartbeat ({c.heartbeat:g} s), or a busy node is declared down "
+                              "- at $.cluster.nodeTimeout")
 
     def check_secrets(self) -> None:
         """Raise ``ConfigError`` for a secret or key that is missing or too short."""
