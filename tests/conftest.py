@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import AsyncIterator
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -13,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from deskpush.protocol import Limits
 from deskpush.server import Config, DeskpushServer
-from deskpush.server.config import ServerSection
+from deskpush.server.config import ClusterSection, ServerSection
 
 SECRET = "test-secret-" + "x" * 32
 API_KEY = "test-api-key-" + "k" * 32  # keys are 32 bytes or more
@@ -26,9 +31,110 @@ def make_config(**limits: Any) -> Config:
     return Config(server=server, limits=Limits(**limits))
 
 
+# ---------------------------------------------------------------------------
+# Both modes: the end-to-end tests run against one embedded server and against
+# a cluster of three nodes on a real redis-server (cluster mode, docs/cluster.md).
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` for the session, on a free port, AOF on, in a temporary directory."""
+    workdir = tmp_path_factory.mktemp("redis")
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(workdir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    else:  # pragma: no cover
+        raise RuntimeError("redis-server did not start (make test installs it: Debian's redis-server)")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Cluster:
+    """Three cluster nodes that a test uses as it would one server.
+
+    ``port`` names the next node each time it is read, so an agent's tabs
+    and the integrator of a test land on different nodes, as behind a load
+    balancer. The rest (``tokens``, ``engine``, ``config``...) is node 0's.
+    """
+
+    def __init__(self, nodes: list[DeskpushServer]) -> None:
+        self.nodes = nodes
+        self._turn = itertools.cycle(range(len(nodes)))
+
+    @property
+    def port(self) -> int:
+        return self.nodes[next(self._turn)].port
+
+    @property
+    def connections(self) -> frozenset[Any]:
+        """Every node's open connections."""
+        return frozenset().union(*(node.connections for node in self.nodes))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.nodes[0], name)
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            await node.start()
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.close()
+
+    async def __aenter__(self) -> Cluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+_prefixes = itertools.count(1)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module with ``BOTH_MODES = True`` runs each test on an embedded server and on a cluster."""
+    if "serve" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_MODES", False):
+        metafunc.parametrize("serve", ["embedded", "cluster"], indirect=True)
+
+
 @pytest.fixture
-async def server() -> AsyncIterator[DeskpushServer]:
-    async with DeskpushServer(make_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+def serve(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """``serve(config, **kwargs)``: a ``DeskpushServer``, or in cluster mode three nodes on Redis."""
+    if getattr(request, "param", "embedded") == "embedded":
+        return DeskpushServer
+    url = request.getfixturevalue("redis_url")
+    prefix = f"t{os.getpid()}-{next(_prefixes)}"  # each test its own keys in the shared Redis
+
+    def make(config: Config, **kwargs: Any) -> Cluster:
+        config = msgspec.structs.replace(config, cluster=ClusterSection(redis=url, prefix=prefix))
+        return Cluster([DeskpushServer(config, **kwargs) for _ in range(3)])
+
+    return make
+
+
+@pytest.fixture
+async def server(serve: Callable[..., Any]) -> AsyncIterator[DeskpushServer]:
+    async with serve(make_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         yield srv
 
 

@@ -17,7 +17,9 @@ from deskpush.server import Config, DeskpushServer
 from deskpush.server.config import ServerSection
 
 from .engine_helpers import OUTCOME_ID
-from .conftest import API_KEY, SECRET, UNIT, make_config, open_agent, open_integrator, recv_json, send_json
+from .conftest import API_KEY, SECRET, Cluster, UNIT, make_config, open_agent, open_integrator, recv_json, send_json
+
+BOTH_MODES = True  # every test on the server fixture: embedded, and three cluster nodes on Redis
 
 CIF_INPUT = {"templateName": "msdyn_chat_incoming_unauthenticated", "templateParameters": {}}
 
@@ -137,8 +139,8 @@ def short_config(timeout: float = 0.3, **limits) -> Config:
     return Config(server=ServerSection(host="127.0.0.1", port=0), templates=(fast,), limits=Limits(**limits))
 
 
-async def test_display_timeout_runs_on_the_server():
-    async with DeskpushServer(short_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+async def test_display_timeout_runs_on_the_server(serve):
+    async with serve(short_config(), jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         agent, _ = await open_agent(srv)
         ig = await open_integrator(srv)
         sent = time.monotonic()
@@ -155,9 +157,9 @@ async def test_display_timeout_runs_on_the_server():
         assert err["notificationId"] == card["notificationId"]
 
 
-async def test_queue_limit_and_queue_timeout():
+async def test_queue_limit_and_queue_timeout(serve):
     config = short_config(timeout=30, queue_limit=1, queue_timeout=0.3)
-    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+    async with serve(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         agent, _ = await open_agent(srv)
         ig = await open_integrator(srv)
         for rid in ("r1", "r2", "r3"):
@@ -242,9 +244,9 @@ async def test_reconnect_replays_displayed_with_original_expiry(server):
     assert (await recv_json(ig))["value"]["actionName"] == "Accept"
 
 
-async def test_grace_expiry_rejects_with_agent_disconnected():
+async def test_grace_expiry_rejects_with_agent_disconnected(serve):
     config = make_config(presence_grace=0.2)
-    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+    async with serve(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         agent, _ = await open_agent(srv)
         ig = await open_integrator(srv)
         await offer(srv, ig, agent, progress=False)
@@ -310,9 +312,9 @@ async def test_bad_agent_token_closes_4401(server, token):
     await expect_closed(ws, 4401)
 
 
-async def test_agent_must_say_hello_first_and_in_time():
+async def test_agent_must_say_hello_first_and_in_time(serve):
     config = Config(server=ServerSection(host="127.0.0.1", port=0, hello_timeout=0.3))
-    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+    async with serve(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         ws = await connect(f"ws://127.0.0.1:{srv.port}/agent")
         await send_json(ws, {"type": "ping"})
         await expect_closed(ws, 4401)
@@ -386,9 +388,9 @@ async def test_oversized_frame_closes_1009_and_others_carry_on(server):
     assert (await recv_json(agent))["type"] == "pong"
 
 
-async def test_flooding_agent_is_closed_and_others_are_not_affected():
+async def test_flooding_agent_is_closed_and_others_are_not_affected(serve):
     config = Config(server=ServerSection(host="127.0.0.1", port=0, agent_rate=10, agent_burst=20))
-    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+    async with serve(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         calm, _ = await open_agent(srv, "calm")
         flood, _ = await open_agent(srv, "flood")
         with pytest.raises(ConnectionClosed):
@@ -402,13 +404,13 @@ async def test_flooding_agent_is_closed_and_others_are_not_affected():
         assert (await recv_json(calm))["type"] == "notification"
 
 
-async def test_slow_agent_is_dropped_without_stalling_others():
+async def test_slow_agent_is_dropped_without_stalling_others(serve):
     config = Config(
         server=ServerSection(host="127.0.0.1", port=0, outbound_limit=64 * 1024),
         # 60 KB cards, past the default maxNotificationBytes, fill its buffer quickly.
         limits=Limits(display_limit=1000, queue_limit=0, presence_grace=60, max_notification_bytes=64 * 1024),
     )
-    async with DeskpushServer(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
+    async with serve(config, jwt_secret=SECRET, api_keys={"crm": API_KEY}) as srv:
         # The slow desktop stops reading after its welcome.
         slow = await connect(f"ws://127.0.0.1:{srv.port}/agent", max_queue=1)
         await send_json(slow, {"type": "hello", "token": srv.tokens.issue("slow")})
@@ -471,8 +473,10 @@ async def test_stats_need_an_integrator_key(server, authorization):
 async def test_stats_with_an_integrator_key_show_the_counts(server):
     agent, _ = await open_agent(server)
     ig = await open_integrator(server)
+    agent_port, integrator_port = agent.remote_address[1], ig.remote_address[1]
     await offer(server, ig, agent)
-    status, headers, body = await asyncio.to_thread(http_get_with, server.port, "/stats?x=1", f"Bearer {API_KEY}")
+    stats_port = server.port
+    status, headers, body = await asyncio.to_thread(http_get_with, stats_port, "/stats?x=1", f"Bearer {API_KEY}")
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert headers["Cache-Control"] == "no-store"
     figures = msgspec.json.decode(body)
@@ -480,8 +484,9 @@ async def test_stats_with_an_integrator_key_show_the_counts(server):
     now = server.statistics()
     assert {k: v for k, v in figures.items() if k != "connections"} == {k: v for k, v in now.items() if k != "connections"}
     assert figures["agentSessions"] == 1 and figures["integrators"] == 1 and figures["displayed"] == 1
-    # Two WebSockets, and the HTTP request itself.
-    assert figures["connections"] == 3 and figures["refusedOutOfFds"] == 0 and figures["acceptPauses"] == 0
+    # Two WebSockets, and the HTTP request itself (in cluster mode: this node's connections only).
+    assert figures["connections"] == (3 if not isinstance(server, Cluster) else 1 + (stats_port == agent_port)
+                                      + (stats_port == integrator_port)) and figures["refusedOutOfFds"] == 0 and figures["acceptPauses"] == 0
     assert figures["openFilesLimit"] > 0
 
 

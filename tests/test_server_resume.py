@@ -18,6 +18,8 @@ from deskpush.server.config import ServerSection
 from .conftest import API_KEY, SECRET, open_agent, recv_json, send_json
 from .engine_helpers import OUTCOME_ID
 
+BOTH_MODES = True  # the server fixture: embedded, and three cluster nodes on Redis
+
 CHAT = {"templateName": "msdyn_chat_incoming_unauthenticated", "templateParameters": {}}
 
 
