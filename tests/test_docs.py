@@ -185,7 +185,7 @@ def test_example_config_loads():
 def test_example_config_names_every_key():
     text = read(EXAMPLE_TOML)
     for cls in (config.Config, config.ServerSection, config.AuthSection, Limits,
-                config.ApiKey, Template, FieldTemplate):
+                config.ApiKey, Template, FieldTemplate, config.ClusterSection):
         for name in names(cls):
             assert re.search(rf"\b{re.escape(name)}\b", text), f"{cls.__name__}.{name} missing from {EXAMPLE_TOML.name}"
 
@@ -214,7 +214,7 @@ def _default_text(value: object) -> str | None:
 
 
 @pytest.mark.parametrize("cls", [config.Config, config.ServerSection, config.AuthSection, Limits,
-                                 config.ApiKey, Template, FieldTemplate])
+                                 config.ApiKey, Template, FieldTemplate, config.ClusterSection])
 def test_configuration_md_documents_every_key_and_default(cls):
     text = read(CONFIGURATION_MD)
     for fi in msgspec.structs.fields(cls):
