@@ -53,7 +53,7 @@ from .auth import AgentTokens
 from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, default, ephemeral_secret, load
 
 __all__ = ["LocalCluster", "ClusterError", "RedisServer", "Balancer", "Node", "free_port", "http_status",
-           "add_parser", "cmd_local_cluster", "main"]
+           "read_dev_secrets", "banner", "add_parser", "cmd_local_cluster", "main"]
 
 HOST = "127.0.0.1"
 #: Where Debian installs the two; /usr/sbin is not on every user's PATH.
