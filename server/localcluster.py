@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -69,6 +68,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    """Whether nothing listens on ``port`` (SO_REUSEADDR: a killed node's TIME_WAIT connections do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 async def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
@@ -166,7 +176,7 @@ class _Child:
         """
         deadline = time.monotonic() + timeout
         while True:
-            if await probe():  # type: ignore[misc]
+            if await probe() and self.running:  # type: ignore[misc]
                 return
             if not self.running:
                 raise _Exited(f"{self.name} exited with status {self.proc.returncode if self.proc else None} "
@@ -187,6 +197,9 @@ class _Child:
         and the child's bind: when the child exits saying so, it is started
         again on another (a port asked for stays an error).
         """
+        if port and not _bindable(port):
+            # Else the probe could take another program's answer on it for ours.
+            raise ClusterError(f"{self.name}: {HOST}:{port} is in use by another program")
         for attempt in range(5):
             chosen = port or free_port()
             self.spawn(argv(chosen), env)
@@ -391,20 +404,24 @@ def read_dev_secrets(path: str) -> dict[str, str]:
     so ``make serve`` and ``make cluster`` share one secret and key.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write("# deskpush development secrets, made by `deskpush serve --dev-secrets` (make serve).\n"
-                    "# For this checkout only; delete the file for new ones. Never use these in production.\n"
-                    f"{JWT_SECRET_ENV}={ephemeral_secret()}\n{API_KEY_ENV}={ephemeral_secret()}\n")
-    mode = os.stat(path).st_mode
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write("# deskpush development secrets, made by `deskpush serve --dev-secrets` (make serve).\n"
+                        "# For this checkout only; delete the file for new ones. Never use these in production.\n"
+                        f"{JWT_SECRET_ENV}={ephemeral_secret()}\n{API_KEY_ENV}={ephemeral_secret()}\n")
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"{path} may be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it, "
                           "or delete it for new development secrets")
     values = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         name, sep, value = line.partition("=")
         if sep and name.strip() in (JWT_SECRET_ENV, API_KEY_ENV) and value.strip():
             values[name.strip()] = value.strip()

@@ -212,3 +212,31 @@ def test_the_command_stops_everything_on_ctrl_c_or_sigterm(sig, tmp_path):
             proc.wait()
     assert port_free(balancer) and port_free(redis)
     assert not workdir.exists()
+
+
+async def test_a_port_taken_between_choosing_and_binding_is_replaced(tmp_path, monkeypatch):
+    from deskpush.server import localcluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real = localcluster.free_port
+        monkeypatch.setattr(localcluster, "free_port", lambda: next(ports, None) or real())
+        redis = localcluster.RedisServer(tmp_path)
+        try:
+            await redis.start(30 * UNIT)
+            assert redis.port != taken.getsockname()[1]
+            assert "Address already in use" in redis.child.log()
+        finally:
+            await redis.kill()
+
+
+async def test_a_balancer_port_in_use_is_a_clear_error_and_nothing_stays(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cluster = LocalCluster(0, balancer_port=taken.getsockname()[1], workdir=tmp_path)
+        with pytest.raises(ClusterError, match=rf"haproxy: 127.0.0.1:{taken.getsockname()[1]} is in use"):
+            await cluster.start()
+    assert gone(cluster.redis.child.proc.pid)
