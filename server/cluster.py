@@ -212,6 +212,10 @@ class ClusterNode:
         self._closed = False
         #: Loop time since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
+        # No node is declared down before this (monotonic): after a start or a
+        # Redis outage every node needs a heartbeat's time to refresh its key,
+        # which may have expired meanwhile.
+        self._quiet_until = 0.0
         self.last_error = ""
         self.started = False
         #: Called when the node must drop its sessions (declared down, or behind the log's trim).
@@ -531,7 +535,7 @@ class ClusterNode:
                     pipe.smembers(self.nodes_key)
                     _, _, members = await pipe.execute()
                 others = sorted(m.decode() for m in members if m.decode() != self.node_id)
-                if others:
+                if others and time.monotonic() >= self._quiet_until:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for node in others:
                             pipe.exists(self._heartbeat_key(node))
@@ -616,6 +620,7 @@ class ClusterNode:
 
     def _reachable(self) -> None:
         if self.unreachable_since is not None:
+            self._quiet_until = time.monotonic() + self.node_timeout
             log.warning("cluster: Redis at %s is reachable again after %.1f s", _shown(self.url),
                         time.monotonic() - self.unreachable_since)
             self.unreachable_since = None

@@ -226,3 +226,76 @@ async def test_a_reload_reaches_every_node(redis_url, prefix):
     finally:
         await a.close()
         await b.close()
+
+
+async def ready(port: int) -> tuple[int, str]:
+    return await asyncio.to_thread(http_get, port, "/readyz")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+async def test_a_redis_restart_loses_nothing_and_clients_wait(tmp_path, prefix):
+    """Redis stops (SIGTERM, AOF written) and comes back on the same port and directory.
+
+    Meanwhile the nodes keep their sessions, an agent's Accept waits in its node, /readyz says
+    why the node is not ready and new sessions get 503; afterwards the nodes reconnect on their
+    own, the Accept is applied, and the integrator gets its one result.
+    """
+    from deskpush.server.localcluster import RedisServer
+
+    redis = RedisServer(tmp_path, appendfsync="always")
+    await redis.start()
+    config = cluster_config(redis.url, prefix, redis_timeout=0.5, heartbeat=0.2, node_timeout=1.0)
+    a, b = node(config), node(config)
+    try:
+        await a.start()
+        await b.start()
+        agent, _ = await agent_on(a)
+        ig, _, _ = await integrator_on(b)
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "input": CHAT,
+                             "progress": False})
+        card = await until(agent, "notification")
+        assert (await ready(a.port))[0] == 200
+
+        await redis.stop()
+        await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
+        async with asyncio.timeout(10 * UNIT):
+            while (await ready(a.port))[0] == 200:
+                await asyncio.sleep(0.1)
+        status, body = await ready(a.port)
+        assert status == 503 and "redis unreachable" in body, body
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{a.port}/agent")
+        assert refused.value.response.status_code == 503
+        assert agent.state.name == "OPEN" and ig.state.name == "OPEN"  # nobody was cut
+
+        await redis.start()  # the same port and directory: the AOF comes back
+        result = await until(ig, "result")
+        assert result["value"] == {"actionName": "Accept", "responseReason": "Accept"}
+        assert (await until(agent, "resolved"))["notificationId"] == card["notificationId"]
+        async with asyncio.timeout(10 * UNIT):
+            while (await ready(a.port))[0] != 200 or (await ready(b.port))[0] != 200:
+                await asyncio.sleep(0.1)
+        # The state in Redis is whole: a node started now agrees with the two that lived through it.
+        late = node(config)
+        await late.start()
+        try:
+            assert late.engine.history("crm") == b.engine.history("crm") == a.engine.history("crm")
+            assert [r.outcome_id for r in late.engine.history("crm")] == [result["outcomeId"]]
+        finally:
+            await late.close()
+        # And nobody declared anybody down on the way (the nodes' sessions are all still there).
+        assert a.engine.statistics()["agentSessions"] == 1 and a.engine.statistics()["integrators"] == 1
+    finally:
+        await a.close()
+        await b.close()
+        await redis.stop()
