@@ -38,7 +38,7 @@ serve: $(SERVE_STAMP)
 # 127.0.0.1:8765, with the same development secrets as `make serve`; Ctrl-C
 # stops them all. `make cluster ARGS="--nodes 2 --port 9000"`.
 cluster: $(SERVE_STAMP) cluster-tools
-	$(PY) -m deskpush.server.localcluster --nodes 3 --dev-secrets $(DEV_SECRETS) $(ARGS)
+	$(VENV)/bin/deskpush local-cluster --nodes 3 --dev-secrets $(DEV_SECRETS) $(ARGS)
 
 test: $(STAMP) chromium cluster-tools
 	$(PY) -c 'import websockets; print("websockets", websockets.__version__)'

@@ -729,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="the server's TOML config file (or DESKPUSH_CONFIG)")
     r.add_argument("--pid-file", help="the server's pid file (default: server.pidFile of the config)")
     r.set_defaults(func=cmd_reload)
+
+    from .localcluster import add_parser as add_local_cluster
+
+    add_local_cluster(sub)
     return p
 
 
