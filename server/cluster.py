@@ -17,7 +17,9 @@ the I/O around it:
 * **Time.** ``now`` is the entry's id, from Redis's clock. The node's clock
   (``RedisClock``) is its own clock plus an offset to Redis's, measured with
   ``TIME``; the dispatcher's one timer arms at the engine's next deadline on
-  it, and when it fires the node appends a ``Tick`` (at most one in flight).
+  it, and when it fires the node appends a ``Tick`` (at most one in flight); a
+  tick of its own that comes back with an id before the deadline it was for
+  means its clock is ahead, and moves it back by the difference.
   Any node may tick; a tick finds nothing due if another got there first.
 * **Nodes.** Each node refreshes its heartbeat key (``PX nodeTimeout``) every
   ``heartbeat`` seconds and checks the others: one whose key has expired is
@@ -153,11 +155,9 @@ class RedisClock(LoopClock):
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         return super().call_at(when - self.offset, callback)
 
-    def correct(self, redis_ms: float) -> None:
-        """Redis's clock read ``redis_ms`` no earlier than now: never let ours be ahead of it."""
-        ahead = self.now() - redis_ms
-        if ahead > 0:
-            self.offset -= ahead
+    def correct(self, ahead: float) -> None:
+        """A tick appended when this clock said a deadline was due reached Redis ``ahead`` ms before it."""
+        self.offset -= ahead
 
 
 class ClusterDispatcher(Dispatcher):
@@ -496,7 +496,6 @@ class ClusterNode:
         me = self.node_id
         handles = self._handles
         out: list[Effect] = []
-        last_ms = 0
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             event = decode_event(fields[b"e"])
@@ -509,14 +508,15 @@ class ClusterNode:
                 return
             if mine and type(event) is Tick:
                 self._ticking = False
+                ms = parse_entry_id(entry_id)[0]
+                if ms < self._tick_for and self.clock is not None:
+                    # Our clock is ahead of Redis's: the tick came too early.
+                    self.clock.correct(self._tick_for - ms)
             if effects:
                 local = local_effects(effects, me, handles)
                 if not mine:
                     local = [e for e in local if type(e) is not Ended]
                 out.extend(local)
-            last_ms = parse_entry_id(entry_id)[0]
-        if self.clock is not None and last_ms:
-            self.clock.correct(last_ms)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
 
@@ -526,6 +526,7 @@ class ClusterNode:
 
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.snapshot_interval
+        next_clock = loop.time() + 30.0
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
@@ -550,6 +551,9 @@ class ClusterNode:
                 for node in self.replica.nodes():
                     if node != self.node_id and node not in known:
                         self._append(NodeDown(self.node_id, node))
+                if loop.time() >= next_clock:
+                    next_clock = loop.time() + 30.0
+                    await self._measure_clock()  # the two clocks drift apart slowly
                 if loop.time() >= next_snapshot:
                     next_snapshot = loop.time() + self.snapshot_interval
                     await self._snapshot()
