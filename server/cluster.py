@@ -76,6 +76,7 @@ from ..protocol.replica import (
     parse_entry_id,
 )
 from ..protocol.templates import Template
+from ..protocol.vocabulary import CLOSE_NODE_RESYNC, CLOSE_REDIS_UNREACHABLE
 from .clock import Cancellable, LoopClock
 from .dispatch import Dispatcher
 
@@ -427,7 +428,7 @@ class ClusterNode:
             # Redis has been away long enough to fill the buffer: this
             # connection is told (1013, try again later), nothing is dropped silently.
             log.warning("cluster: %d events wait for Redis; closing a connection with 1013", len(self._outbox))
-            conn.close(1013, "cluster: Redis unreachable")
+            conn.close(*CLOSE_REDIS_UNREACHABLE)
             return
         self._outbox.append(encode_event(event))
         if self._wake is not None:
@@ -602,6 +603,7 @@ class ClusterNode:
         """Another node declared this one down (a pause longer than nodeTimeout): start over."""
         old = self.node_id
         self.node_id = self._new_id()
+        self._ticking = False  # a tick on its way is the old id's now: this one must tick afresh
         log.error("cluster: node %s was declared down by another node (no heartbeat for %g s); "
                   "its sessions are closed and it rejoins as %s", old, self.node_timeout, self.node_id)
         self._resync("declared down")
@@ -613,7 +615,7 @@ class ClusterNode:
         if self.on_resync is not None:
             self.on_resync(why)
         for conn in conns:
-            conn.close(1012, f"cluster: node {why}")
+            conn.close(*CLOSE_NODE_RESYNC)
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.unreachable_since is None:

@@ -272,8 +272,8 @@ def test_configuration_md_cli_options(capsys):
     text = read(CONFIGURATION_MD)
     with pytest.raises(SystemExit):
         main(["--help"])
-    commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert commands == ["serve", "token", "notify", "reload"]
+    commands = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert commands == ["serve", "token", "notify", "reload", "local-cluster"]
     for command in commands:
         assert f"### deskpush {command}" in text, command
         with pytest.raises(SystemExit):
