@@ -85,7 +85,7 @@ __all__ = ["ClusterError", "ClusterNode", "RedisClock", "ClusterDispatcher", "LI
 log = logging.getLogger("deskpush")
 
 #: Bump with every change to the library: FUNCTION LOAD REPLACE makes the last node started win.
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2
 
 LIBRARY = """#!lua name=deskpush
 
@@ -98,21 +98,25 @@ local function before(a, b)  -- stream id a sorts before b
   return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
 end
 
--- KEYS[1] the log; ARGV the events, in order. Returns the last entry id.
+-- Every entry is numbered (field n) from one counter, so a reader sees a gap
+-- (entries trimmed before it read them) or the log going back (Redis lost writes).
+
+-- KEYS: the log, the counter; ARGV the events, in order. Returns the last entry id.
 redis.register_function('deskpush_append', function(keys, args)
+  local n = redis.call('INCRBY', keys[2], #args) - #args
   local id
   for i = 1, #args do
-    id = redis.call('XADD', keys[1], '*', 'e', args[i])
+    id = redis.call('XADD', keys[1], '*', 'e', args[i], 'n', n + i)
   end
   return id
 end)
 
 -- Declare a node down, once, and only while its heartbeat key is gone.
--- KEYS: the node set, the node's heartbeat key, the log. ARGV: node id, the NodeDown event.
+-- KEYS: the node set, the node's heartbeat key, the log, the counter. ARGV: node id, the NodeDown event.
 redis.register_function('deskpush_node_down', function(keys, args)
   if redis.call('EXISTS', keys[2]) == 1 then return 0 end
   if redis.call('SREM', keys[1], args[1]) == 0 then return 0 end
-  redis.call('XADD', keys[3], '*', 'e', args[2])
+  redis.call('XADD', keys[3], '*', 'e', args[2], 'n', redis.call('INCR', keys[4]))
   return 1
 end)
 
@@ -191,6 +195,7 @@ class ClusterNode:
         # together should this run on Redis Cluster.
         tag = "{" + prefix + "}"
         self.log_key = f"{tag}:log"
+        self.counter_key = f"{tag}:counter"
         self.snapshot_key = f"{tag}:snapshot"
         self.nodes_key = f"{tag}:nodes"
         self.lease_key = f"{tag}:snapshot-lease"
@@ -349,13 +354,22 @@ class ClusterNode:
         log.info("cluster: loaded the snapshot at %s", position.decode())
 
     async def _catch_up(self) -> None:
-        """Apply the log up to its end now (no sessions here yet, so no effects to write)."""
-        while True:
-            batch = await self._redis.xread({self.log_key: self.replica.position}, count=10_000)
-            if not batch:
-                return
-            for entry_id, fields in batch[0][1]:
-                self.replica.apply(entry_id.decode(), decode_event(fields[b"e"]))
+        """Apply the log up to its end now (effects only for connections already here).
+
+        A gap (the log trimmed past this replica while it read) means a newer
+        snapshot exists: load it and go on from there.
+        """
+        for _ in range(5):
+            while True:
+                batch = await self._redis.xread({self.log_key: self.replica.position}, count=10_000)
+                if not batch:
+                    return
+                if not self._apply(batch[0][1]):
+                    break
+            log.warning("cluster: node %s found a gap in the log at %s: loading the newer snapshot",
+                        self.node_id, self.replica.position)
+            await self._load_snapshot()
+        raise ClusterError("cluster: the log keeps moving past this node's snapshot (is the node very slow?)")
 
     async def _join(self) -> None:
         await self._redis.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
@@ -452,7 +466,7 @@ class ClusterNode:
                 continue
             batch = self._outbox[:1000]
             try:
-                await self._redis.fcall("deskpush_append", 1, self.log_key, *batch)
+                await self._redis.fcall("deskpush_append", 2, self.log_key, self.counter_key, *batch)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
                 await asyncio.sleep(backoff)
@@ -490,15 +504,29 @@ class ClusterNode:
             backoff = 0.05
             if batch:
                 self._reachable()
-                self._apply(batch[0][1])
+                if not self._apply(batch[0][1]):
+                    check = True  # a gap: the snapshot, then the log from there
 
-    def _apply(self, entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> None:
+    def _apply(self, entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> bool:
+        """Apply ``entries`` and write their effects; False at a gap (what came before it is applied)."""
         replica = self.replica
         me = self.node_id
         handles = self._handles
         out: list[Effect] = []
+        gap = False
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
+            number = int(fields[b"n"])
+            if number != replica.number + 1:
+                if number > replica.number + 1 and replica.number:
+                    gap = True  # trimmed before this node read it
+                    break
+                if number <= replica.number:
+                    log.error("cluster: the log went back from entry %d to %d at %s: Redis lost writes this "
+                              "node had read (an AOF without its last second, or a failover to a replica that "
+                              "lagged); nodes may now disagree about what those entries decided",
+                              replica.number, number, entry_id)
+            replica.number = number
             event = decode_event(fields[b"e"])
             effects = replica.apply(entry_id, event)
             mine = event.node == me
@@ -506,7 +534,7 @@ class ClusterNode:
                 if self._closed:
                     break  # its own goodbye
                 self._declared_down()
-                return
+                return True
             if mine and type(event) is Tick:
                 self._ticking = False
                 ms = parse_entry_id(entry_id)[0]
@@ -520,6 +548,7 @@ class ClusterNode:
                 out.extend(local)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
+        return not gap
 
     async def _monitor(self) -> None:
         """Heartbeat, declare silent nodes down, write snapshots."""
@@ -564,8 +593,8 @@ class ClusterNode:
 
     async def _node_down(self, node: str) -> bool:
         event = encode_event(NodeDown(self.node_id, node))
-        done = await self._redis.fcall("deskpush_node_down", 3, self.nodes_key, self._heartbeat_key(node),
-                                       self.log_key, node, event)
+        done = await self._redis.fcall("deskpush_node_down", 4, self.nodes_key, self._heartbeat_key(node),
+                                       self.log_key, self.counter_key, node, event)
         return bool(done)
 
     async def _snapshot(self) -> None:
@@ -581,9 +610,13 @@ class ClusterNode:
 
     async def _check_behind(self) -> None:
         trimmed = await self._redis.hget(self.snapshot_key, "trimmed")
-        if trimmed is not None and _before(self.replica.position, trimmed.decode()):
-            log.warning("cluster: node %s is at %s, before the log's trim at %s: loading the snapshot",
-                        self.node_id, self.replica.position, trimmed.decode())
+        behind = trimmed is not None and _before(self.replica.position, trimmed.decode())
+        batch = await self._redis.xread({self.log_key: self.replica.position}, count=1)
+        if batch and int(batch[0][1][0][1][b"n"]) > self.replica.number + 1:
+            behind = True
+        if behind:
+            log.warning("cluster: node %s is at %s (entry %d), behind the log's start: loading the snapshot",
+                        self.node_id, self.replica.position, self.replica.number)
             await self._load_snapshot()
             await self._catch_up()
             if self.dispatcher is not None:
