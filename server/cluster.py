@@ -675,8 +675,10 @@ class ClusterNode:
             return f"redis unreachable for {time.monotonic() - since:.0f} s: {self.last_error}"
         return None
 
-    def statistics(self) -> dict[str, Any]:
-        return {"clusterBuffered": len(self._outbox), "clusterApplied": self.replica.applied}
+    def statistics(self) -> dict[str, int]:
+        """This node's side of the cluster, for ``/stats`` and ``/metrics``."""
+        return {"clusterRedisUp": int(self.started and self.unreachable_since is None),
+                "clusterBuffered": len(self._outbox), "clusterApplied": self.replica.applied}
 
 
 def _shown(url: str) -> str:

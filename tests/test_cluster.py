@@ -265,6 +265,7 @@ async def test_a_redis_restart_loses_nothing_and_clients_wait(tmp_path, prefix):
                              "progress": False})
         card = await until(agent, "notification")
         assert (await ready(a.port))[0] == 200
+        assert a.statistics()["clusterRedisUp"] == 1 and a.statistics()["clusterApplied"] >= 3
 
         await redis.stop()
         await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
@@ -277,6 +278,9 @@ async def test_a_redis_restart_loses_nothing_and_clients_wait(tmp_path, prefix):
             await connect(f"ws://127.0.0.1:{a.port}/agent")
         assert refused.value.response.status_code == 503
         assert agent.state.name == "OPEN" and ig.state.name == "OPEN"  # nobody was cut
+        # What /stats and /metrics show meanwhile: Redis down, the Accept waiting in node a.
+        figures = a.statistics()
+        assert figures["clusterRedisUp"] == 0 and figures["clusterBuffered"] >= 1, figures
 
         await redis.start()  # the same port and directory: the AOF comes back
         result = await until(ig, "result")
