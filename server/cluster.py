@@ -210,7 +210,6 @@ class ClusterNode:
         self._conns: dict[Any, Handle] = {}
         self._next = 0
         self._outbox: list[bytes] = []
-        self._outbox_conns: list[Any] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ticking = False
@@ -224,8 +223,8 @@ class ClusterNode:
         self._quiet_until = 0.0
         self.last_error = ""
         self.started = False
-        #: Called when the node must drop its sessions (declared down, or behind the log's trim).
-        self.on_resync: Callable[[str], None] | None = None
+        #: Why this node cannot go on (one of its tasks failed: a bug), or "".
+        self.failed = ""
 
     @staticmethod
     def _new_id() -> str:
@@ -284,7 +283,9 @@ class ClusterNode:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             # A bug: without its tasks the node cannot go on. Say so loudly.
-            log.critical("cluster: node %s's %s task failed", self.node_id, task.get_coro().__name__,
+            name = task.get_coro().__name__.strip("_")
+            self.failed = f"cluster {name} failed: {task.exception()!r}"
+            log.critical("cluster: node %s's %s task failed; /readyz answers 503 from now on", self.node_id, name,
                          exc_info=task.exception())
 
     def attach(self, dispatcher: ClusterDispatcher) -> None:
@@ -645,8 +646,6 @@ class ClusterNode:
         conns = list(self._conns)
         self._handles.clear()
         self._conns.clear()
-        if self.on_resync is not None:
-            self.on_resync(why)
         for conn in conns:
             conn.close(*CLOSE_NODE_RESYNC)
 
@@ -668,6 +667,8 @@ class ClusterNode:
 
     def not_ready(self) -> str | None:
         """Why this node takes no new sessions (Redis away longer than ``redisTimeout``), or None."""
+        if self.failed:
+            return self.failed
         if not self.started:
             return "joining the cluster"
         since = self.unreachable_since
