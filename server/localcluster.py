@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,11 @@ async def _redis_ping(port: int) -> bool:
         return False
 
 
+def _check_appendfsync(value: str) -> None:
+    if value not in ("always", "everysec", "no"):
+        raise ValueError(f"appendfsync is always, everysec or no, not {value!r}")
+
+
 class RedisServer:
     """``redis-server`` with its data in ``workdir``: AOF on, no RDB snapshots, in the foreground.
 
@@ -240,8 +246,7 @@ class RedisServer:
     """
 
     def __init__(self, workdir: Path, *, port: int = 0, appendfsync: str = "everysec") -> None:
-        if appendfsync not in ("always", "everysec", "no"):
-            raise ValueError(f"appendfsync is always, everysec or no, not {appendfsync!r}")
+        _check_appendfsync(appendfsync)
         self.dir = workdir / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -458,6 +463,7 @@ class LocalCluster:
                  dev_secrets: str | None = None, appendfsync: str = "everysec", node_args: Sequence[str] = (),
                  log_level: str = "INFO", workdir: str | os.PathLike[str] | None = None,
                  timeout: float = 30.0) -> None:
+        _check_appendfsync(appendfsync)  # before anything is made
         self.config: Config = load(config) if config is not None else default()
         secret, keys = self.config.jwt_secret(), self.config.api_keys()
         dev = read_dev_secrets(dev_secrets) if dev_secrets and not (secret and keys) else {}
@@ -471,6 +477,10 @@ class LocalCluster:
         self.own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="deskpush-cluster-") if workdir is None else workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Removed at close(), or when a cluster never started is collected.
+        self.remove_workdir = weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
+        if not self.own_workdir:
+            self.remove_workdir.detach()
         # The nodes read the same file and environment as this process, plus
         # what fills the gaps: the keys as tables appended to a copy of the
         # file (keys of any name, which the environment cannot give), the
@@ -527,8 +537,7 @@ class LocalCluster:
         await self.balancer.stop()
         await asyncio.gather(*(node.child.end(signal.SIGINT) for node in self.nodes))
         await self.redis.stop()
-        if self.own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.remove_workdir()
 
     # -- what a test needs to know
 
