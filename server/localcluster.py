@@ -34,6 +34,7 @@ import csv
 import io
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -118,6 +119,18 @@ def _kill_leftovers() -> None:
             proc.wait()
 
 
+def _all_open_files() -> None:
+    """In the child, before exec: the soft open files limit up to the hard one.
+
+    HAProxy sizes its maxconn from the soft limit (about 500 connections
+    under a 1024 soft limit, two descriptors each), too few for thousands of
+    desktops; deskpush nodes raise their own limit anyway.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class _Child:
     """One process of the cluster: started again and again with the same log file, appended to."""
 
@@ -139,7 +152,8 @@ class _Child:
             log.flush()
             self.log_start = log.tell()
             self.proc = subprocess.Popen([*guard, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         preexec_fn=_all_open_files)
         _LIVE.add(self.proc)
 
     def log(self, this_run: bool = False) -> str:
@@ -644,7 +658,9 @@ def banner(cluster: LocalCluster, agent: str = "agent-1") -> str:
     key_name, key = next(iter(cluster.api_keys.items()))
     demo = cluster.config.server.demo
     dev = cluster.secret_source in ("dev", "generated")
-    command = "deskpush" if shutil.which("deskpush") else f"{sys.executable} -m deskpush.server"
+    from .cli import command_name
+
+    command = command_name()
     lines = [f"deskpush {__version__} local cluster: {len(cluster.nodes)} nodes on Redis, HAProxy on {ws}  "
              f"(agents: {ws}/agent, integrators: {ws}/integrator)"]
     if demo and dev:
