@@ -214,6 +214,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._ticking = False
         self._tick_for = 0.0
+        self._rewrite = False  # the log went back: write this replica as the snapshot
         self._closed = False
         #: Loop time since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
@@ -467,18 +468,12 @@ class ClusterNode:
                 continue
             batch = self._outbox[:1000]
             try:
-                await self._redis.fcall("deskpush_append", 2, self.log_key, self.counter_key, *batch)
+                await self._fcall("deskpush_append", 2, self.log_key, self.counter_key, *batch)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
-            except aioredis.ResponseError as exc:
-                if "Function not found" in str(exc):
-                    # A Redis that lost its functions (a new empty one): load them again.
-                    await self._redis.function_load(LIBRARY, replace=True)
-                    continue
-                raise
             backoff = 0.05
             self._reachable()
             del self._outbox[:len(batch)]
@@ -525,8 +520,9 @@ class ClusterNode:
                 if number <= replica.number:
                     log.error("cluster: the log went back from entry %d to %d at %s: Redis lost writes this "
                               "node had read (an AOF without its last second, or a failover to a replica that "
-                              "lagged); nodes may now disagree about what those entries decided",
-                              replica.number, number, entry_id)
+                              "lagged); nodes may now disagree about what those entries decided. Writing "
+                              "this node's state as the snapshot", replica.number, number, entry_id)
+                    self._rewrite = True
             replica.number = number
             event = decode_event(fields[b"e"])
             effects = replica.apply(entry_id, event)
@@ -549,6 +545,11 @@ class ClusterNode:
                 out.extend(local)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
+        if self._rewrite and self.started:
+            self._rewrite = False
+            # What Redis lost, this replica still holds: make it the base a node starting now reads.
+            task = asyncio.get_running_loop().create_task(self._write_snapshot())
+            self._tasks.append(task)
         return not gap
 
     async def _monitor(self) -> None:
@@ -592,9 +593,23 @@ class ClusterNode:
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
 
+    async def _fcall(self, name: str, numkeys: int, *args: Any) -> Any:
+        """``FCALL``, loading the library again first if Redis lost it (a new, empty Redis)."""
+        import redis.asyncio as aioredis
+
+        try:
+            return await self._redis.fcall(name, numkeys, *args)
+        except aioredis.ResponseError as exc:
+            if "Function not found" not in str(exc):
+                raise
+            log.warning("cluster: Redis at %s has no deskpush functions (a new, empty Redis?): loading them",
+                        _shown(self.url))
+            await self._redis.function_load(LIBRARY, replace=True)
+            return await self._redis.fcall(name, numkeys, *args)
+
     async def _node_down(self, node: str) -> bool:
         event = encode_event(NodeDown(self.node_id, node))
-        done = await self._redis.fcall("deskpush_node_down", 4, self.nodes_key, self._heartbeat_key(node),
+        done = await self._fcall("deskpush_node_down", 4, self.nodes_key, self._heartbeat_key(node),
                                        self.log_key, self.counter_key, node, event)
         return bool(done)
 
@@ -605,9 +620,20 @@ class ClusterNode:
         started = time.perf_counter()
         blob = self.replica.dump(self._key)
         position = self.replica.position
-        kept = await self._redis.fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob)
+        kept = await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob)
         log.debug("cluster: snapshot at %s, %d bytes in %.1f ms (%s)", position, len(blob),
                   (time.perf_counter() - started) * 1000, "kept" if kept else "older than the one kept")
+
+    async def _write_snapshot(self) -> None:
+        """Write this replica as the snapshot now, lease or not (kept if newer than the one in Redis)."""
+        import redis.asyncio as aioredis
+
+        try:
+            await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, self.replica.position,
+                              self.replica.dump(self._key))
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            self._unreachable(exc)
+            self._rewrite = True  # the next batch tries again
 
     async def _check_behind(self) -> None:
         trimmed = await self._redis.hget(self.snapshot_key, "trimmed")
@@ -629,9 +655,7 @@ class ClusterNode:
             log.error("cluster: Redis's log ends at %s but this node applied up to %s: Redis lost entries "
                       "(restarted from an AOF without its last writes, or failed over to a replica that "
                       "lagged). Writing this node's state as the snapshot.", last, self.replica.position)
-            blob = self.replica.dump(self._key)
-            await self._redis.fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key,
-                                    self.replica.position, blob)
+            await self._write_snapshot()
 
     def _declared_down(self) -> None:
         """Another node declared this one down (a pause longer than nodeTimeout): start over."""

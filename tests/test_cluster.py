@@ -303,3 +303,43 @@ async def test_a_redis_restart_loses_nothing_and_clients_wait(tmp_path, prefix):
         await a.close()
         await b.close()
         await redis.stop()
+
+
+async def test_a_redis_that_comes_back_empty_gets_the_state_back_from_the_nodes(redis_url, prefix):
+    """Redis lost everything (a new instance without its AOF): the nodes write their state back.
+
+    They load the functions again, say in an ERROR line that the log went back, write their
+    replica as the snapshot, and carry on; a node started afterwards finds the offers and outcomes.
+    """
+    import redis as sync_redis
+
+    config = cluster_config(redis_url, prefix, heartbeat=0.2, node_timeout=1.0)
+    a, b = node(config), node(config)
+    await a.start()
+    await b.start()
+    late = None
+    try:
+        agent, _ = await agent_on(a)
+        ig, _, _ = await integrator_on(b)
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "input": CHAT,
+                             "progress": False})
+        card = await until(agent, "notification")
+        r = sync_redis.Redis.from_url(redis_url)
+        # Everything of this cluster gone, functions included.
+        await asyncio.to_thread(lambda: (r.delete(*r.keys(f"{{{prefix}}}:*")), r.function_flush()))
+        # Both nodes' readers notice nothing (no error, no reconnect); the next append finds no function.
+        await send_json(agent, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
+        result = await until(ig, "result")
+        assert result["value"] == {"actionName": "Accept", "responseReason": "Accept"}
+        async with asyncio.timeout(5 * UNIT):  # the nodes write their state back as the snapshot
+            while not await asyncio.to_thread(r.hexists, f"{{{prefix}}}:snapshot", "blob"):
+                await asyncio.sleep(0.02)
+        late = node(config)
+        await late.start()
+        assert [r.outcome_id for r in late.engine.history("crm")] == [result["outcomeId"]]
+        assert late.engine.statistics() == a.engine.statistics()
+    finally:
+        if late is not None:
+            await late.close()
+        await a.close()
+        await b.close()
