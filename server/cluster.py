@@ -141,8 +141,17 @@ class RedisClock(LoopClock):
     """The loop's clock, moved onto Redis's: ``now()`` estimates Redis's ``TIME``.
 
     The engine never reads it (its ``now`` is an entry id); it arms the timer
-    and says when to tick, so an error of a few milliseconds costs at most a
-    tick that finds nothing due, after which ``correct`` moves it.
+    and says when to tick. The offset is measured with ``TIME`` at start and
+    afterwards moved only by what proves it wrong, each way:
+
+    * ``at_least``: an entry id is Redis's clock when the entry was appended,
+      so Redis's clock reads at least that now: a clock behind it moves on.
+      (Not more: the entry may have waited, in the stream or in a stalled
+      loop, and taking its id for "now" would set the clock back by the
+      wait, for good, and make every later timeout that much late.)
+    * ``at_most``: this node's own ``Tick``, appended when this clock read
+      ``ours``, got an id Redis stamped later: a clock ahead of it by more
+      than that moves back, so a tick sent early is not followed by more.
     """
 
     offset = 0.0
@@ -153,9 +162,16 @@ class RedisClock(LoopClock):
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         return super().call_at(when - self.offset, callback)
 
-    def correct(self, redis_ms: float) -> None:
-        """Redis's clock read ``redis_ms`` no earlier than now: never let ours be ahead of it."""
-        ahead = self.now() - redis_ms
+    def at_least(self, redis_ms: float) -> None:
+        """Redis's clock has read ``redis_ms`` (an entry id it made): never let ours be behind it."""
+        behind = redis_ms - self.now()
+        if behind > 0:
+            self.offset += behind
+
+    def at_most(self, redis_ms: float, ours: float) -> None:
+        """When ours read ``ours``, Redis's had not reached ``redis_ms`` + 1 ms yet (it stamped an entry
+        sent after with ``redis_ms``): never let ours be ahead by more than that."""
+        ahead = ours - (redis_ms + 1)
         if ahead > 0:
             self.offset -= ahead
 
@@ -419,7 +435,8 @@ class ClusterNode:
         if self._ticking or not self.started:
             return
         self._ticking = True
-        self._tick_for = now
+        # What this clock read when the Tick left (``now`` may be the deadline, a hair later).
+        self._tick_for = self.clock.now() if self.clock is not None else now
         self._append(Tick(self.node_id))
 
     def _append(self, event: Event, conn: Any = None) -> None:
@@ -509,6 +526,8 @@ class ClusterNode:
                 return
             if mine and type(event) is Tick:
                 self._ticking = False
+                if self.clock is not None:
+                    self.clock.at_most(parse_entry_id(entry_id)[0], self._tick_for)
             if effects:
                 local = local_effects(effects, me, handles)
                 if not mine:
@@ -516,7 +535,7 @@ class ClusterNode:
                 out.extend(local)
             last_ms = parse_entry_id(entry_id)[0]
         if self.clock is not None and last_ms:
-            self.clock.correct(last_ms)
+            self.clock.at_least(last_ms)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
 
