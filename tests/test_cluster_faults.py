@@ -566,6 +566,7 @@ async def test_the_integrators_node_dies_and_it_resumes_on_another_with_every_re
         # one, and agent-3's two display timeouts fire. Each agent sees its outcomes as `resolved`.
         decided_away: dict[str, dict[str, str]] = {}  # requestId -> outcome, as the agent saw it
         cards: dict[str, set[str]] = defaultdict(set)  # requestId (the correlationId) -> notificationIds shown
+        ended: Counter[str] = Counter()  # agent -> `resolved` frames it got
 
         async def answer(agent: str, actions: list[str | None]) -> None:
             ws = agents[agent]
@@ -580,6 +581,7 @@ async def test_the_integrators_node_dies_and_it_resumes_on_another_with_every_re
                             await ws.send(json.dumps({"type": "respond", "notificationId": frame["notificationId"],
                                                       "action": action}))
                     elif frame["type"] == "resolved":
+                        ended[agent] += 1
                         decided_away[requests_of[frame["notificationId"]]] = {
                             "actionName": frame["actionName"], "responseReason": frame["responseReason"]}
                         break
@@ -616,10 +618,11 @@ async def test_the_integrators_node_dies_and_it_resumes_on_another_with_every_re
         # Now the agents accept everything left; each outcome comes once, on the new connection.
         async def accept_rest(agent: str) -> None:
             ws = agents[agent]
-            while sum(1 for rid in results if rid.startswith(agent + "-")) < sum(
-                    1 for rid in requests if rid.startswith(agent + "-")):
+            while ended[agent] < sum(1 for rid in requests if rid.startswith(agent + "-")):
                 frame = await recv(ws)
-                if frame["type"] == "notification":
+                if frame["type"] == "resolved":
+                    ended[agent] += 1
+                elif frame["type"] == "notification":
                     cards[frame["correlationId"]].add(frame["notificationId"])
                     await ws.send(json.dumps({"type": "respond", "notificationId": frame["notificationId"],
                                               "action": "Accept"}))
