@@ -225,6 +225,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._ticking = False
         self._tick_for = 0.0
+        self._rejoin_from: str | None = None  # the id this node went by before its last resync, until it rejoined
         self._closed = False
         #: Loop time since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
@@ -376,6 +377,19 @@ class ClusterNode:
         await self._redis.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
         await self._redis.sadd(self.nodes_key, self.node_id)
 
+    async def _rejoin(self) -> None:
+        """Join under the new id (``_resync``), and take the old one out of the node set."""
+        old = self._rejoin_from
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
+            pipe.sadd(self.nodes_key, self.node_id)
+            if old is not None:
+                pipe.srem(self.nodes_key, old)
+                pipe.delete(self._heartbeat_key(old))
+            await pipe.execute()
+        if self._rejoin_from == old:
+            self._rejoin_from = None
+
     # ------------------------------------------------------------------
     # The engine's event methods (endpoints call these as they would an Engine's)
 
@@ -468,6 +482,8 @@ class ClusterNode:
                 continue
             batch = self._outbox[:1000]
             try:
+                if self._rejoin_from is not None:
+                    await self._rejoin()
                 await self._redis.fcall("deskpush_append", 1, self.log_key, *batch)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
@@ -485,18 +501,26 @@ class ClusterNode:
             del self._outbox[:len(batch)]
 
     async def _reader(self) -> None:
-        """Apply the log as it grows; after a reconnect, check the node is not behind the trim."""
+        """Apply the log as it grows; never across a gap the log's trim left (then reload and resync)."""
         import redis.asyncio as aioredis
 
         backoff = 0.05
         check = False
         while True:
+            position = self.replica.position
             try:
                 if check:
                     await self._check_behind()
                     check = False
-                batch = await self._reader_redis.xread({self.log_key: self.replica.position},
-                                                       count=self.read_count, block=1000)
+                    continue
+                async with self._reader_redis.pipeline(transaction=False) as pipe:
+                    pipe.xread({self.log_key: position}, count=self.read_count, block=1000)
+                    # Run by Redis right after the XREAD: a trim past ``position`` made before the
+                    # XREAD removed entries this replica never applied, and the batch does not
+                    # follow on from it. (A node paused past two snapshots, whose own NodeDown may
+                    # be among the missing, would otherwise read on as if nothing had happened.)
+                    pipe.hget(self.snapshot_key, "trimmed")
+                    batch, trimmed = await pipe.execute()
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
                 check = True
@@ -504,6 +528,9 @@ class ClusterNode:
                 backoff = min(1.0, backoff * 2)
                 continue
             backoff = 0.05
+            if trimmed is not None and _before(position, trimmed.decode()):
+                await self._reload(trimmed.decode())
+                continue
             if batch:
                 self._reachable()
                 self._apply(batch[0][1])
@@ -594,15 +621,10 @@ class ClusterNode:
                   (time.perf_counter() - started) * 1000, "kept" if kept else "older than the one kept")
 
     async def _check_behind(self) -> None:
+        """After a Redis outage: is this node behind the log's trim, or ahead of a Redis that lost entries?"""
         trimmed = await self._redis.hget(self.snapshot_key, "trimmed")
         if trimmed is not None and _before(self.replica.position, trimmed.decode()):
-            log.warning("cluster: node %s is at %s, before the log's trim at %s: loading the snapshot",
-                        self.node_id, self.replica.position, trimmed.decode())
-            await self._load_snapshot()
-            await self._catch_up()
-            if self.dispatcher is not None:
-                self.dispatcher.engine = self.replica.engine
-            self._resync("fell behind the log")
+            await self._reload(trimmed.decode())
         info = await self._redis.xinfo_stream(self.log_key) if await self._redis.exists(self.log_key) else None
         last = info["last-generated-id"].decode() if info else "0-0"
         if _before(last, self.replica.position):
@@ -613,18 +635,46 @@ class ClusterNode:
             await self._redis.fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key,
                                     self.replica.position, blob)
 
+    async def _reload(self, trimmed: str) -> None:
+        """The log was trimmed past this replica: load the snapshot, catch up, and resync the sessions.
+
+        What the missing entries did to this node's sessions is unknown (they
+        may have declared it down), so they are closed, like a node declared
+        down, and their clients come back.
+        """
+        log.warning("cluster: node %s is at %s, before the log's trim at %s: loading the snapshot",
+                    self.node_id, self.replica.position, trimmed)
+        await self._load_snapshot()
+        await self._catch_up()
+        if self.dispatcher is not None:
+            self.dispatcher.engine = self.replica.engine
+        self._resync("fell behind the log")
+
     def _declared_down(self) -> None:
         """Another node declared this one down (a pause longer than nodeTimeout): start over."""
-        old = self.node_id
-        self.node_id = self._new_id()
         log.error("cluster: node %s was declared down by another node (no heartbeat for %g s); "
-                  "its sessions are closed and it rejoins as %s", old, self.node_timeout, self.node_id)
+                  "its sessions are closed and it rejoins under a new id", self.node_id, self.node_timeout)
         self._resync("declared down")
 
     def _resync(self, why: str) -> None:
+        """Close this node's sessions (1012) and go on under a new node id.
+
+        A new id, so that nothing of the old one's connections is mistaken
+        for the new ones': every replica drops the old id's handles (the
+        ``NodeDown`` appended here; a no-op where it was declared down
+        already), and the writer joins under the new id before it sends any
+        event of it (a node with connections in the log but not in the node
+        set would be declared down by the others' monitors).
+        """
+        old = self.node_id
+        self.node_id = self._new_id()
+        self._rejoin_from = old
+        self._ticking = False  # a Tick in flight under the old id will not be recognised as ours
         conns = list(self._conns)
         self._handles.clear()
         self._conns.clear()
+        self._append(NodeDown(self.node_id, old))
+        log.info("cluster: node %s goes on as %s", old, self.node_id)
         if self.on_resync is not None:
             self.on_resync(why)
         for conn in conns:

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -653,3 +654,89 @@ async def test_the_integrators_node_dies_and_it_resumes_on_another_with_every_re
     assert {rid: len(frames) for rid, frames in results.items() if len(frames) != 1} == {}  # each exactly once
     outcome_ids = [frames[0]["outcomeId"] for frames in results.values()]
     assert len(set(outcome_ids)) == len(outcome_ids)
+
+
+# ---------------------------------------------------------------------------
+# A node paused past the log's trim
+
+
+async def test_a_node_paused_past_the_logs_trim_resyncs_instead_of_skipping_entries(tmp_path):
+    """SIGSTOP a node (a stopped VM, a swap storm) until its own NodeDown is trimmed from the log, then SIGCONT.
+
+    It must not read on from where the log now starts as if nothing were
+    missing: the entries it never saw include that it was declared down, so
+    it would keep its sessions while every other node had dropped them, and
+    an agent's Accept there would be applied by it alone (the agent sees
+    ``resolved``, the integrator never gets the result). It must notice,
+    load the snapshot and close its sessions with 1012, as it does when it
+    finds its own NodeDown; the desktop comes back and its Accept counts.
+    """
+    import redis.asyncio as aioredis
+
+    from deskpush.protocol.replica import NodeDown, decode_event
+
+    config = tmp_path / "deskpush.toml"
+    config.write_text(f'[limits]\npresenceGrace = {30 * UNIT}\n\n[cluster]\nheartbeat = 0.2\nnodeTimeout = 1.0\n'
+                      f'snapshotInterval = 0.5\n\n[[templates]]\nname = "{SLOW}"\ntitle = "Chat"\ntimeout = 600.0\n')
+    async with LocalCluster(2, config=config, jwt_secret=SECRET, api_keys={"crm": API_KEY},
+                            workdir=tmp_path / "cluster", timeout=30 * UNIT) as cluster, \
+            aioredis.Redis.from_url(cluster.redis_url) as r:
+        token = cluster.tokens.issue("agent-7")
+        agent = await connect(f"{cluster.url(0)}/agent")
+        await agent.send(json.dumps({"type": "hello", "token": token}))
+        assert (await recv(agent))["type"] == "welcome"
+        ig = await connect(f"{cluster.url(1)}/integrator?resumeAfter=$",
+                           additional_headers={"Authorization": f"Bearer {api_key(cluster)}"})
+        assert (await recv(ig))["type"] == "resumed"
+        await ig.send(json.dumps({"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "progress": False,
+                                  "input": {"templateName": SLOW}}))
+        card = await recv(agent)
+        assert card["type"] == "notification", card
+
+        pid = cluster.node_pid(0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Node 1 declares node 0 down; traffic goes on, snapshots are written, the log is trimmed
+            # past the NodeDown (each cancel of an unknown token is one more entry and one answer).
+            down_at, n = None, 0
+            async with asyncio.timeout(30 * UNIT):
+                while True:
+                    n += 1
+                    await ig.send(json.dumps({"type": "cancelEvent", "requestId": f"c{n}",
+                                              "cancellationToken": "none"}))
+                    assert (await recv(ig))["error"]["message"] == "CancellationTokenNotFoundError"
+                    if down_at is None:
+                        for entry_id, fields in await r.xrange("{deskpush}:log"):
+                            event = decode_event(fields[b"e"])
+                            if type(event) is NodeDown and event.node != event.down:
+                                down_at = entry_id.decode()
+                    trimmed = await r.hget("{deskpush}:snapshot", "trimmed")
+                    if down_at is not None and trimmed is not None and \
+                            tuple(map(int, trimmed.decode().split("-"))) > tuple(map(int, down_at.split("-"))):
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        # Its sessions are gone in every other replica: it says so to its desktop, which comes back.
+        try:
+            async with asyncio.timeout(15 * UNIT):
+                async for _ in agent:
+                    pass
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            raise AssertionError("the woken node kept its sessions, unaware it had been declared down") from None
+        assert agent.close_code == 1012, (agent.close_code, agent.close_reason)
+        agent = await connect(f"{cluster.url()}/agent")
+        await agent.send(json.dumps({"type": "hello", "token": token}))
+        welcome = await recv(agent)
+        assert welcome["displayed"] == [card["notificationId"]]
+        assert await recv(agent) == card
+        await agent.send(json.dumps({"type": "respond", "notificationId": card["notificationId"], "action": "Accept"}))
+        result = await recv(ig)
+        assert (result["requestId"], result["value"]) == ("r1", ACCEPT)
+        assert (await recv(agent))["type"] == "resolved"
+        await agent.close()
+        await ig.close()
+        no_tracebacks(cluster)
