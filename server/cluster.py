@@ -74,6 +74,7 @@ from ..protocol.replica import (
     parse_entry_id,
 )
 from ..protocol.templates import Template
+from ..protocol.vocabulary import CloseCode
 from .clock import Cancellable, LoopClock
 from .dispatch import Dispatcher
 
@@ -678,7 +679,7 @@ class ClusterNode:
         if self.on_resync is not None:
             self.on_resync(why)
         for conn in conns:
-            conn.close(1012, f"cluster: node {why}")
+            conn.close(CloseCode.SERVICE_RESTART, f"cluster: node {why}")
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.unreachable_since is None:
