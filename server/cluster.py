@@ -148,8 +148,17 @@ class RedisClock(LoopClock):
     """The loop's clock, moved onto Redis's: ``now()`` estimates Redis's ``TIME``.
 
     The engine never reads it (its ``now`` is an entry id); it arms the timer
-    and says when to tick, so an error of a few milliseconds costs at most a
-    tick that finds nothing due, after which ``correct`` moves it.
+    and says when to tick. The offset is measured with ``TIME`` at start and
+    afterwards moved only by what proves it wrong, each way:
+
+    * ``at_least``: an entry id is Redis's clock when the entry was appended,
+      so Redis's clock reads at least that now: a clock behind it moves on.
+      (Not more: the entry may have waited, in the stream or in a stalled
+      loop, and taking its id for "now" would set the clock back by the
+      wait, for good, and make every later timeout that much late.)
+    * ``at_most``: this node's own ``Tick``, appended when this clock read
+      ``ours``, got an id Redis stamped later: a clock ahead of it by more
+      than that moves back, so a tick sent early is not followed by more.
     """
 
     offset = 0.0
@@ -160,9 +169,18 @@ class RedisClock(LoopClock):
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         return super().call_at(when - self.offset, callback)
 
-    def correct(self, ahead: float) -> None:
-        """A tick appended when this clock said a deadline was due reached Redis ``ahead`` ms before it."""
-        self.offset -= ahead
+    def at_least(self, redis_ms: float) -> None:
+        """Redis's clock has read ``redis_ms`` (an entry id it made): never let ours be behind it."""
+        behind = redis_ms - self.now()
+        if behind > 0:
+            self.offset += behind
+
+    def at_most(self, redis_ms: float, ours: float) -> None:
+        """When ours read ``ours``, Redis's had not reached ``redis_ms`` + 1 ms yet (it stamped an entry
+        sent after with ``redis_ms``): never let ours be ahead by more than that."""
+        ahead = ours - (redis_ms + 1)
+        if ahead > 0:
+            self.offset -= ahead
 
 
 class ClusterDispatcher(Dispatcher):
@@ -215,6 +233,7 @@ class ClusterNode:
         self._ticking = False
         self._tick_for = 0.0
         self._rewrite = False  # the log went back: write this replica as the snapshot
+        self._rejoin_from: str | None = None  # the id this node went by before its last resync, until it rejoined
         self._closed = False
         #: Loop time since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
@@ -377,6 +396,19 @@ class ClusterNode:
         await self._redis.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
         await self._redis.sadd(self.nodes_key, self.node_id)
 
+    async def _rejoin(self) -> None:
+        """Join under the new id (``_resync``), and take the old one out of the node set."""
+        old = self._rejoin_from
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
+            pipe.sadd(self.nodes_key, self.node_id)
+            if old is not None:
+                pipe.srem(self.nodes_key, old)
+                pipe.delete(self._heartbeat_key(old))
+            await pipe.execute()
+        if self._rejoin_from == old:
+            self._rejoin_from = None
+
     # ------------------------------------------------------------------
     # The engine's event methods (endpoints call these as they would an Engine's)
 
@@ -436,7 +468,8 @@ class ClusterNode:
         if self._ticking or not self.started:
             return
         self._ticking = True
-        self._tick_for = now
+        # What this clock read when the Tick left (``now`` may be the deadline, a hair later).
+        self._tick_for = self.clock.now() if self.clock is not None else now
         self._append(Tick(self.node_id))
 
     def _append(self, event: Event, conn: Any = None) -> None:
@@ -468,6 +501,8 @@ class ClusterNode:
                 continue
             batch = self._outbox[:1000]
             try:
+                if self._rejoin_from is not None:
+                    await self._rejoin()
                 await self._fcall("deskpush_append", 2, self.log_key, self.counter_key, *batch)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
@@ -479,18 +514,27 @@ class ClusterNode:
             del self._outbox[:len(batch)]
 
     async def _reader(self) -> None:
-        """Apply the log as it grows; after a reconnect, check the node is not behind the trim."""
+        """Apply the log as it grows; never across a gap (entries trimmed before this node read them).
+
+        Entries are numbered without gaps (``deskpush_append``): a batch whose
+        number does not follow on from the replica's stops ``_apply`` there,
+        and ``_check_behind`` loads the snapshot and resyncs. (A node paused
+        past two snapshots, whose own NodeDown may be among the missing, would
+        otherwise read on as if nothing had happened.)
+        """
         import redis.asyncio as aioredis
 
         backoff = 0.05
         check = False
         while True:
+            position = self.replica.position
             try:
                 if check:
                     await self._check_behind()
                     check = False
-                batch = await self._reader_redis.xread({self.log_key: self.replica.position},
-                                                       count=self.read_count, block=1000)
+                    continue
+                batch = await self._reader_redis.xread({self.log_key: position}, count=self.read_count,
+                                                       block=1000)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
                 check = True
@@ -510,6 +554,7 @@ class ClusterNode:
         handles = self._handles
         out: list[Effect] = []
         gap = False
+        last_ms = 0
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             number = int(fields[b"n"])
@@ -534,15 +579,16 @@ class ClusterNode:
                 return True
             if mine and type(event) is Tick:
                 self._ticking = False
-                ms = parse_entry_id(entry_id)[0]
-                if ms < self._tick_for and self.clock is not None:
-                    # Our clock is ahead of Redis's: the tick came too early.
-                    self.clock.correct(self._tick_for - ms)
+                if self.clock is not None:
+                    self.clock.at_most(parse_entry_id(entry_id)[0], self._tick_for)
             if effects:
                 local = local_effects(effects, me, handles)
                 if not mine:
                     local = [e for e in local if type(e) is not Ended]
                 out.extend(local)
+            last_ms = parse_entry_id(entry_id)[0]
+        if self.clock is not None and last_ms:
+            self.clock.at_least(last_ms)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
         if self._rewrite and self.started:
@@ -636,19 +682,14 @@ class ClusterNode:
             self._rewrite = True  # the next batch tries again
 
     async def _check_behind(self) -> None:
+        """After a Redis outage: is this node behind the log's trim, or ahead of a Redis that lost entries?"""
         trimmed = await self._redis.hget(self.snapshot_key, "trimmed")
         behind = trimmed is not None and _before(self.replica.position, trimmed.decode())
         batch = await self._redis.xread({self.log_key: self.replica.position}, count=1)
         if batch and int(batch[0][1][0][1][b"n"]) > self.replica.number + 1:
-            behind = True
+            behind = True  # the next entry there is is not the next number: some were trimmed
         if behind:
-            log.warning("cluster: node %s is at %s (entry %d), behind the log's start: loading the snapshot",
-                        self.node_id, self.replica.position, self.replica.number)
-            await self._load_snapshot()
-            await self._catch_up()
-            if self.dispatcher is not None:
-                self.dispatcher.engine = self.replica.engine
-            self._resync("fell behind the log")
+            await self._reload(trimmed.decode() if trimmed is not None else "?")
         info = await self._redis.xinfo_stream(self.log_key) if await self._redis.exists(self.log_key) else None
         last = info["last-generated-id"].decode() if info else "0-0"
         if _before(last, self.replica.position):
@@ -657,19 +698,46 @@ class ClusterNode:
                       "lagged). Writing this node's state as the snapshot.", last, self.replica.position)
             await self._write_snapshot()
 
+    async def _reload(self, trimmed: str) -> None:
+        """The log was trimmed past this replica: load the snapshot, catch up, and resync the sessions.
+
+        What the missing entries did to this node's sessions is unknown (they
+        may have declared it down), so they are closed, like a node declared
+        down, and their clients come back.
+        """
+        log.warning("cluster: node %s is at %s, before the log's trim at %s: loading the snapshot",
+                    self.node_id, self.replica.position, trimmed)
+        await self._load_snapshot()
+        await self._catch_up()
+        if self.dispatcher is not None:
+            self.dispatcher.engine = self.replica.engine
+        self._resync("fell behind the log")
+
     def _declared_down(self) -> None:
         """Another node declared this one down (a pause longer than nodeTimeout): start over."""
-        old = self.node_id
-        self.node_id = self._new_id()
-        self._ticking = False  # a tick on its way is the old id's now: this one must tick afresh
         log.error("cluster: node %s was declared down by another node (no heartbeat for %g s); "
-                  "its sessions are closed and it rejoins as %s", old, self.node_timeout, self.node_id)
+                  "its sessions are closed and it rejoins under a new id", self.node_id, self.node_timeout)
         self._resync("declared down")
 
     def _resync(self, why: str) -> None:
+        """Close this node's sessions (1012) and go on under a new node id.
+
+        A new id, so that nothing of the old one's connections is mistaken
+        for the new ones': every replica drops the old id's handles (the
+        ``NodeDown`` appended here; a no-op where it was declared down
+        already), and the writer joins under the new id before it sends any
+        event of it (a node with connections in the log but not in the node
+        set would be declared down by the others' monitors).
+        """
+        old = self.node_id
+        self.node_id = self._new_id()
+        self._rejoin_from = old
+        self._ticking = False  # a Tick in flight under the old id will not be recognised as ours
         conns = list(self._conns)
         self._handles.clear()
         self._conns.clear()
+        self._append(NodeDown(self.node_id, old))
+        log.info("cluster: node %s goes on as %s", old, self.node_id)
         for conn in conns:
             conn.close(*CLOSE_NODE_RESYNC)
 

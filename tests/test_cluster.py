@@ -343,3 +343,40 @@ async def test_a_redis_that_comes_back_empty_gets_the_state_back_from_the_nodes(
             await late.close()
         await a.close()
         await b.close()
+
+
+async def test_a_stalled_event_loop_does_not_make_later_timeouts_late(redis_url, prefix):
+    """A node's loop stalls (a long GC pause, a starved CPU) while an entry waits in the log.
+
+    The entry's id is Redis's clock when it was appended, not when the node
+    read it: taking it for "Redis's clock now" set the node's clock back by
+    the stall, for good, and every display timeout on a lone node fired that
+    much late from then on. The node's clock only learns from what proves
+    it wrong (an entry from its future; its own Tick that Redis stamped
+    before the deadline it was sent for), so the next timeout is on time.
+    """
+    import redis as sync_redis
+
+    from deskpush.protocol.replica import Tick, encode_event
+
+    config = msgspec.structs.replace(cluster_config(redis_url, prefix),
+                                     templates=(Template(name="fast", title="Fast", timeout=1.0),))
+    a = node(config)
+    await a.start()
+    try:
+        agent, _ = await agent_on(a)
+        ig, _, _ = await integrator_on(a)
+        stall = 3.0 * UNIT
+        with sync_redis.Redis.from_url(redis_url) as r:
+            r.fcall("deskpush_append", 2, a.cluster.log_key, a.cluster.counter_key, encode_event(Tick("another-node")))
+        time.sleep(stall)  # the loop stalls; the entry waits
+        await asyncio.sleep(0.2)  # ... and is read
+        await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7",
+                             "input": {"templateName": "fast"}, "progress": False})
+        card = await until(agent, "notification")
+        resolved = await until(agent, "resolved")
+        late = time.time() * 1000 - card["expiresAt"]
+        assert resolved["responseReason"] == "DisplayTimeout"
+        assert late < stall * 1000 / 2, f"the timeout fired {late:.0f} ms after expiresAt"
+    finally:
+        await a.close()
