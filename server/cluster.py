@@ -608,13 +608,18 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
+                # The nodes with connections in the replica, before the set is read: each joined the
+                # set before it appended anything, so each is in the set read below unless it was
+                # declared down. (Read after, a node joining meanwhile could be taken for a lost one.)
+                seen = self.replica.nodes()
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
                     pipe.sadd(self.nodes_key, self.node_id)
                     pipe.smembers(self.nodes_key)
                     _, _, members = await pipe.execute()
                 others = sorted(m.decode() for m in members if m.decode() != self.node_id)
-                if others and time.monotonic() >= self._quiet_until:
+                quiet = time.monotonic() < self._quiet_until
+                if others and not quiet:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for node in others:
                             pipe.exists(self._heartbeat_key(node))
@@ -626,8 +631,8 @@ class ClusterNode:
                 # Nodes with connections in the replica that are no longer in the set (declared down
                 # before the NodeDown could be appended, or a set lost with Redis) go the same way.
                 known = set(m.decode() for m in members)
-                for node in self.replica.nodes():
-                    if node != self.node_id and node not in known:
+                for node in seen:
+                    if node != self.node_id and node not in known and not quiet:
                         self._append(NodeDown(self.node_id, node))
                 if loop.time() >= next_clock:
                     next_clock = loop.time() + 30.0
