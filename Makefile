@@ -55,7 +55,8 @@ chromium:
 	fi
 
 # Benchmarks against the peers: prints the table and writes bench/RESULTS.md
-# (about 7 min on 2 cores). Needs Node.js and npm; installs bench/node_modules
+# (about 12 min on 2 cores), cluster mode included. Needs Node.js, npm and
+# redis-server; installs bench/node_modules
 # and python-socketio + aiohttp into the venv on first use.
 # `make bench ARGS=--quick` is a smoke run in under a minute.
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """deskpush's benchmarks against its peers: one command, one table.
 
-    python -m bench.run                  # everything, 3 runs (about 7 minutes on 2 cores)
+    python -m bench.run                  # everything, 3 runs (about 12 minutes on 2 cores)
     python -m bench.run --quick          # tiny counts, 1 run: a smoke run (under a minute)
     python -m bench.run --only offer --runs 5 --servers deskpush,floor
     python -m bench.run --baseline HEAD~3    # also deskpush as of an earlier commit, side by side
