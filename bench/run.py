@@ -815,6 +815,21 @@ def ensure_pysio(need: bool) -> None:
                        check=True, stdout=sys.stderr)
 
 
+def ensure_redis(need: bool) -> None:
+    """Cluster mode's client (redis-py with hiredis) in this venv, and Debian's redis-server on the machine."""
+    if not need:
+        return
+    if not (shutil.which("redis-server") or Path("/usr/sbin/redis-server").exists()):
+        raise BenchError("the deskpush-cluster servers need redis-server (Debian's redis-server package); "
+                         "without it leave them out of --servers")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        print("bench: pip install 'redis[hiredis]>=5'", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "redis[hiredis]>=5"], check=True,
+                       stdout=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny counts and 1 run: a smoke run")
@@ -851,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         raise_nofile(max(sizes[w].get("agents", 0) for w in workloads) + 200)
         ensure_node(args.gen == "node" or "socketio" in servers)
         ensure_pysio("pysio" in servers)
+        ensure_redis(any(BY_NAME[s].nodes for s in servers))
         if args.profile and not py_spy():
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
         if args.baseline:
