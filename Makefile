@@ -1,7 +1,7 @@
 # deskpush: the two commands of the Quickstart are `make serve` and `make test`.
 # Both create .venv and install what they need: `make serve` the server alone,
 # `make test` the test extras too, and Debian's Chromium for the browser tests
-# when it is missing.
+# and its redis-server and haproxy for the cluster tests when they are missing.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,8 +15,11 @@ STAMP  := $(VENV)/.test-stamp
 # survive a restart. DESKPUSH_JWT_SECRET / DESKPUSH_API_KEY or a config win.
 DEV_SECRETS := $(VENV)/deskpush-dev.env
 CHROMIUM ?= /usr/bin/chromium
+# Debian's paths; /usr/sbin is not on every user's PATH.
+REDIS_SERVER ?= /usr/bin/redis-server
+HAPROXY ?= /usr/sbin/haproxy
 
-.PHONY: serve test test-oldest chromium bench soak clean vocabulary
+.PHONY: serve cluster test test-oldest chromium cluster-tools bench soak clean vocabulary
 
 $(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +34,13 @@ $(STAMP): pyproject.toml
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/deskpush serve --dev-secrets $(DEV_SECRETS) $(ARGS)
 
-test: $(STAMP) chromium
+# Cluster mode on one machine: Redis, three nodes and HAProxy in front on
+# 127.0.0.1:8765, with the same development secrets as `make serve`; Ctrl-C
+# stops them all. `make cluster ARGS="--nodes 2 --port 9000"`.
+cluster: $(SERVE_STAMP) cluster-tools
+	$(VENV)/bin/deskpush local-cluster --nodes 3 --dev-secrets $(DEV_SECRETS) $(ARGS)
+
+test: $(STAMP) chromium cluster-tools
 	$(PY) -c 'import websockets; print("websockets", websockets.__version__)'
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -40,7 +49,7 @@ test: $(STAMP) chromium
 OLDEST_VENV := .venv-oldest
 WEBSOCKETS_OLDEST = $(shell sed -n 's/.*"websockets>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-test-oldest: chromium
+test-oldest: chromium cluster-tools
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 'websockets==$(WEBSOCKETS_OLDEST)'
 	$(OLDEST_VENV)/bin/python -c 'import websockets; print("websockets", websockets.__version__)'
@@ -52,6 +61,16 @@ chromium:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+# The cluster tests and `make cluster` run Debian's redis-server and haproxy
+# as plain processes of their own (deskpush.server.localcluster); the
+# packages' system services are not used.
+cluster-tools:
+	@if [ ! -x "$(REDIS_SERVER)" ] || [ ! -x "$(HAPROXY)" ]; then \
+	  echo "installing Debian's redis-server and haproxy for the cluster tests"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server haproxy >/dev/null; \
 	fi
 
 # Benchmarks against the peers: prints the table and writes bench/RESULTS.md

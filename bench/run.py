@@ -771,7 +771,7 @@ The code says why it is shaped as it is; what was measured to choose lives here,
 - **A cluster node's clock** (`server/cluster.py`, `RedisClock`): while every batch read from the
   log set it back to its last entry's time, the node's clock lagged Redis's by the log's delivery time
   and every deadline fired that late: timeout storm p99 lateness 213 ms on 1 node + Redis (`--quick`,
-  2026-11-30); moved forward by entries and back only by the node's own Tick, 26 ms.
+  2026-11-30); moved back only when the node's own Tick reached Redis early, 26 ms.
 - **Unmasking in Python** (`server/connection.py`): websockets' C helper is not public API, so
   deskpush XORs the payload as one integer: about 0.5 to 0.9 µs for a 60 to 250-byte message,
   against 0.1 to 0.25 µs in C (2026-11-29).

@@ -180,6 +180,8 @@ class Replica:
         self.engine = Engine(templates, limits, new_id=self._ids)
         #: Where this replica is in the log: the last entry applied ("0-0": none).
         self.position = "0-0"
+        #: The number of that entry (the log numbers its entries 1, 2, ...; the node checks for gaps).
+        self.number = 0
         self.now = 0.0
         # Open connections by node, in the order they opened (a dict, never a
         # set: NodeDown disconnects them in this order in every replica).

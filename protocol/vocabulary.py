@@ -46,6 +46,8 @@ __all__ = [
     "CLOSE_SESSION_REPLACED",
     "CLOSE_AUTH_THROTTLED",
     "CLOSE_SERVICE_RESTART",
+    "CLOSE_NODE_RESYNC",
+    "CLOSE_REDIS_UNREACHABLE",
     "CLOSINGS",
     "javascript_module",
 ]
@@ -135,6 +137,7 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009  # a frame over server.maxSize (websockets' reason)
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the server is draining for a restart: reconnect now, with jitter
+    TRY_AGAIN_LATER = 1013  # cluster mode: the node cannot reach Redis and holds too much already
     UNAUTHORIZED = 4401  # hello missing, late or refused
     # The agent opened more than limits.sessionsPerAgent sessions: the oldest
     # is closed so the newest works. Not to be retried on its own: that would
@@ -159,6 +162,10 @@ CLOSE_INTERNAL_ERROR = Closing(CloseCode.INTERNAL_ERROR, "internal error")
 CLOSE_SESSION_REPLACED = Closing(CloseCode.SESSION_REPLACED, "replaced by a newer session of this agent")
 CLOSE_AUTH_THROTTLED = Closing(CloseCode.AUTH_THROTTLED, "too many failed authentications, retry later")
 CLOSE_SERVICE_RESTART = Closing(CloseCode.SERVICE_RESTART, "server restarting")
+# Cluster mode: the node was declared down, or fell behind the log; reconnect (to any node).
+CLOSE_NODE_RESYNC = Closing(CloseCode.SERVICE_RESTART, "cluster node resynchronising")
+# Cluster mode: Redis is unreachable and the node holds cluster.maxBuffered events already.
+CLOSE_REDIS_UNREACHABLE = Closing(CloseCode.TRY_AGAIN_LATER, "cluster storage unreachable, try again later")
 
 #: Every close the server decides on, by the name the code uses for it.
 CLOSINGS: dict[str, Closing] = {
@@ -169,6 +176,8 @@ CLOSINGS: dict[str, Closing] = {
     "CLOSE_SESSION_REPLACED": CLOSE_SESSION_REPLACED,
     "CLOSE_AUTH_THROTTLED": CLOSE_AUTH_THROTTLED,
     "CLOSE_SERVICE_RESTART": CLOSE_SERVICE_RESTART,
+    "CLOSE_NODE_RESYNC": CLOSE_NODE_RESYNC,
+    "CLOSE_REDIS_UNREACHABLE": CLOSE_REDIS_UNREACHABLE,
 }
 
 

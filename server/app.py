@@ -401,6 +401,8 @@ class DeskpushServer:
             "pendingHandshakes": len(self._pending),
             "refusedPendingHandshakes": self._busy_refusals,
             "refusedAuthThrottled": self._guard.refusals if self._guard is not None else 0,
+            **(self.cluster.statistics() if self.cluster is not None else
+               {"clusterRedisUp": 0, "clusterBuffered": 0, "clusterApplied": 0}),
         }
 
     @property

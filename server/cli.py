@@ -273,12 +273,12 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
         lines.append(f"  agent desktop:     {http}/#token={token}")
         lines.append(f"  agent token:       {token}  ({agent}, valid {_duration(ttl)})")
     elif config.server.demo:
-        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: {_command_name()} token AGENT_ID)")
+        lines.append(f"  agent desktop:     {http}/  (sign in with a token from: {command_name()} token AGENT_ID)")
     elif ephemeral:
         lines.append(f"  agent tokens:      none can be issued: the secret lasts for this run only "
-                     f"(set {secret_env}, then: {_command_name()} token AGENT_ID)")
+                     f"(set {secret_env}, then: {command_name()} token AGENT_ID)")
     else:
-        lines.append(f"  agent tokens:      {_command_name()} token AGENT_ID  (with the same config and environment)")
+        lines.append(f"  agent tokens:      {command_name()} token AGENT_ID  (with the same config and environment)")
     if generated_key and kept_in:
         lines.append(f"  integrator key:    {generated_key}  (development key kept in {kept_in}; set {API_KEY_ENV} to fix one)")
         key_shown = generated_key
@@ -291,7 +291,7 @@ def _banner(config: Config, agent: str, port: int, secret: str, *, ephemeral: bo
     if config.server.demo:
         lines.append(f"  integrator page:   {http}/integrator.html#apiKey={key_shown}&agentId={agent}")
     lines.append(
-        f"  try:  {_command_name()} notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
+        f"  try:  {command_name()} notify --url {ws}/integrator --api-key {key_shown} --agent {agent} "
         f"--template msdyn_chat_incoming_unauthenticated --param customerName=Jane"
     )
     if ephemeral and config.server.demo and kept_in:
@@ -307,7 +307,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def _command_name() -> str:
+def command_name() -> str:
     """``deskpush`` as this process was started, for a line that is pasted into the same shell.
 
     ``make serve`` runs ``.venv/bin/deskpush``, which is not on the PATH of
@@ -729,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="the server's TOML config file (or DESKPUSH_CONFIG)")
     r.add_argument("--pid-file", help="the server's pid file (default: server.pidFile of the config)")
     r.set_defaults(func=cmd_reload)
+
+    from .localcluster import add_parser as add_local_cluster
+
+    add_local_cluster(sub)
     return p
 
 

@@ -17,7 +17,9 @@ the I/O around it:
 * **Time.** ``now`` is the entry's id, from Redis's clock. The node's clock
   (``RedisClock``) is its own clock plus an offset to Redis's, measured with
   ``TIME``; the dispatcher's one timer arms at the engine's next deadline on
-  it, and when it fires the node appends a ``Tick`` (at most one in flight).
+  it, and when it fires the node appends a ``Tick`` (at most one in flight); a
+  tick of its own that comes back with an id before the deadline it was for
+  means its clock is ahead, and moves it back by the difference.
   Any node may tick; a tick finds nothing due if another got there first.
 * **Nodes.** Each node refreshes its heartbeat key (``PX nodeTimeout``) every
   ``heartbeat`` seconds and checks the others: one whose key has expired is
@@ -74,6 +76,7 @@ from ..protocol.replica import (
     parse_entry_id,
 )
 from ..protocol.templates import Template
+from ..protocol.vocabulary import CLOSE_NODE_RESYNC, CLOSE_REDIS_UNREACHABLE
 from .clock import Cancellable, LoopClock
 from .dispatch import Dispatcher
 
@@ -82,7 +85,7 @@ __all__ = ["ClusterError", "ClusterNode", "RedisClock", "ClusterDispatcher", "LI
 log = logging.getLogger("deskpush")
 
 #: Bump with every change to the library: FUNCTION LOAD REPLACE makes the last node started win.
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2
 
 LIBRARY = """#!lua name=deskpush
 
@@ -95,21 +98,25 @@ local function before(a, b)  -- stream id a sorts before b
   return ams < bms or (ams == bms and tonumber(aseq) < tonumber(bseq))
 end
 
--- KEYS[1] the log; ARGV the events, in order. Returns the last entry id.
+-- Every entry is numbered (field n) from one counter, so a reader sees a gap
+-- (entries trimmed before it read them) or the log going back (Redis lost writes).
+
+-- KEYS: the log, the counter; ARGV the events, in order. Returns the last entry id.
 redis.register_function('deskpush_append', function(keys, args)
+  local n = redis.call('INCRBY', keys[2], #args) - #args
   local id
   for i = 1, #args do
-    id = redis.call('XADD', keys[1], '*', 'e', args[i])
+    id = redis.call('XADD', keys[1], '*', 'e', args[i], 'n', n + i)
   end
   return id
 end)
 
 -- Declare a node down, once, and only while its heartbeat key is gone.
--- KEYS: the node set, the node's heartbeat key, the log. ARGV: node id, the NodeDown event.
+-- KEYS: the node set, the node's heartbeat key, the log, the counter. ARGV: node id, the NodeDown event.
 redis.register_function('deskpush_node_down', function(keys, args)
   if redis.call('EXISTS', keys[2]) == 1 then return 0 end
   if redis.call('SREM', keys[1], args[1]) == 0 then return 0 end
-  redis.call('XADD', keys[3], '*', 'e', args[2])
+  redis.call('XADD', keys[3], '*', 'e', args[2], 'n', redis.call('INCR', keys[4]))
   return 1
 end)
 
@@ -142,15 +149,7 @@ class RedisClock(LoopClock):
 
     The engine never reads it (its ``now`` is an entry id); it arms the timer
     and says when to tick, so an error of a few milliseconds costs at most a
-    tick that finds nothing due, after which ``ahead`` moves it back.
-
-    An entry's time bounds Redis's clock from below only: Redis stamped it
-    before this node read it, by the log's delivery time (milliseconds, or a
-    hundred and more in a burst). So an entry moves this clock forward, never
-    back; only this node's own Tick, stamped after this clock said it was
-    due, shows this clock ahead. (Pulling the clock back to every batch's last
-    entry made it lag by the delivery time, and every deadline fire that late:
-    timeout storm p99 lateness 213 ms on 1 node, 25 ms once fixed.)
+    tick that finds nothing due, after which ``correct`` moves it.
     """
 
     offset = 0.0
@@ -161,17 +160,9 @@ class RedisClock(LoopClock):
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         return super().call_at(when - self.offset, callback)
 
-    def behind(self, redis_ms: float) -> None:
-        """Redis's clock read ``redis_ms`` no later than now (an entry's time): never let ours be behind it."""
-        behind = redis_ms - self.now()
-        if behind > 0:
-            self.offset += behind
-
-    def ahead(self, redis_ms: float, ours: float) -> None:
-        """Redis read ``redis_ms`` after this clock read ``ours`` (this node's Tick): if ``redis_ms`` is
-        the earlier, this clock is ahead by at least the difference."""
-        if ours > redis_ms:
-            self.offset -= ours - redis_ms
+    def correct(self, ahead: float) -> None:
+        """A tick appended when this clock said a deadline was due reached Redis ``ahead`` ms before it."""
+        self.offset -= ahead
 
 
 class ClusterDispatcher(Dispatcher):
@@ -204,6 +195,7 @@ class ClusterNode:
         # together should this run on Redis Cluster.
         tag = "{" + prefix + "}"
         self.log_key = f"{tag}:log"
+        self.counter_key = f"{tag}:counter"
         self.snapshot_key = f"{tag}:snapshot"
         self.nodes_key = f"{tag}:nodes"
         self.lease_key = f"{tag}:snapshot-lease"
@@ -218,18 +210,22 @@ class ClusterNode:
         self._conns: dict[Any, Handle] = {}
         self._next = 0
         self._outbox: list[bytes] = []
-        self._outbox_conns: list[Any] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ticking = False
         self._tick_for = 0.0
+        self._rewrite = False  # the log went back: write this replica as the snapshot
         self._closed = False
         #: Loop time since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
+        # No node is declared down before this (monotonic): after a start or a
+        # Redis outage every node needs a heartbeat's time to refresh its key,
+        # which may have expired meanwhile.
+        self._quiet_until = 0.0
         self.last_error = ""
         self.started = False
-        #: Called when the node must drop its sessions (declared down, or behind the log's trim).
-        self.on_resync: Callable[[str], None] | None = None
+        #: Why this node cannot go on (one of its tasks failed: a bug), or "".
+        self.failed = ""
 
     @staticmethod
     def _new_id() -> str:
@@ -288,7 +284,9 @@ class ClusterNode:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             # A bug: without its tasks the node cannot go on. Say so loudly.
-            log.critical("cluster: node %s's %s task failed", self.node_id, task.get_coro().__name__,
+            name = task.get_coro().__name__.strip("_")
+            self.failed = f"cluster {name} failed: {task.exception()!r}"
+            log.critical("cluster: node %s's %s task failed; /readyz answers 503 from now on", self.node_id, name,
                          exc_info=task.exception())
 
     def attach(self, dispatcher: ClusterDispatcher) -> None:
@@ -358,13 +356,22 @@ class ClusterNode:
         log.info("cluster: loaded the snapshot at %s", position.decode())
 
     async def _catch_up(self) -> None:
-        """Apply the log up to its end now (no sessions here yet, so no effects to write)."""
-        while True:
-            batch = await self._redis.xread({self.log_key: self.replica.position}, count=10_000)
-            if not batch:
-                return
-            for entry_id, fields in batch[0][1]:
-                self.replica.apply(entry_id.decode(), decode_event(fields[b"e"]))
+        """Apply the log up to its end now (effects only for connections already here).
+
+        A gap (the log trimmed past this replica while it read) means a newer
+        snapshot exists: load it and go on from there.
+        """
+        for _ in range(5):
+            while True:
+                batch = await self._redis.xread({self.log_key: self.replica.position}, count=10_000)
+                if not batch:
+                    return
+                if not self._apply(batch[0][1]):
+                    break
+            log.warning("cluster: node %s found a gap in the log at %s: loading the newer snapshot",
+                        self.node_id, self.replica.position)
+            await self._load_snapshot()
+        raise ClusterError("cluster: the log keeps moving past this node's snapshot (is the node very slow?)")
 
     async def _join(self) -> None:
         await self._redis.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
@@ -429,8 +436,7 @@ class ClusterNode:
         if self._ticking or not self.started:
             return
         self._ticking = True
-        # What this clock reads now (``now`` may be the deadline of a timer that fired a hair early).
-        self._tick_for = self.clock.now() if self.clock is not None else now
+        self._tick_for = now
         self._append(Tick(self.node_id))
 
     def _append(self, event: Event, conn: Any = None) -> None:
@@ -438,7 +444,7 @@ class ClusterNode:
             # Redis has been away long enough to fill the buffer: this
             # connection is told (1013, try again later), nothing is dropped silently.
             log.warning("cluster: %d events wait for Redis; closing a connection with 1013", len(self._outbox))
-            conn.close(1013, "cluster: Redis unreachable")
+            conn.close(*CLOSE_REDIS_UNREACHABLE)
             return
         self._outbox.append(encode_event(event))
         if self._wake is not None:
@@ -462,18 +468,12 @@ class ClusterNode:
                 continue
             batch = self._outbox[:1000]
             try:
-                await self._redis.fcall("deskpush_append", 1, self.log_key, *batch)
+                await self._fcall("deskpush_append", 2, self.log_key, self.counter_key, *batch)
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
-            except aioredis.ResponseError as exc:
-                if "Function not found" in str(exc):
-                    # A Redis that lost its functions (a new empty one): load them again.
-                    await self._redis.function_load(LIBRARY, replace=True)
-                    continue
-                raise
             backoff = 0.05
             self._reachable()
             del self._outbox[:len(batch)]
@@ -500,16 +500,30 @@ class ClusterNode:
             backoff = 0.05
             if batch:
                 self._reachable()
-                self._apply(batch[0][1])
+                if not self._apply(batch[0][1]):
+                    check = True  # a gap: the snapshot, then the log from there
 
-    def _apply(self, entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> None:
+    def _apply(self, entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> bool:
+        """Apply ``entries`` and write their effects; False at a gap (what came before it is applied)."""
         replica = self.replica
         me = self.node_id
         handles = self._handles
         out: list[Effect] = []
-        last_ms = 0
+        gap = False
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
+            number = int(fields[b"n"])
+            if number != replica.number + 1:
+                if number > replica.number + 1 and replica.number:
+                    gap = True  # trimmed before this node read it
+                    break
+                if number <= replica.number:
+                    log.error("cluster: the log went back from entry %d to %d at %s: Redis lost writes this "
+                              "node had read (an AOF without its last second, or a failover to a replica that "
+                              "lagged); nodes may now disagree about what those entries decided. Writing "
+                              "this node's state as the snapshot", replica.number, number, entry_id)
+                    self._rewrite = True
+            replica.number = number
             event = decode_event(fields[b"e"])
             effects = replica.apply(entry_id, event)
             mine = event.node == me
@@ -517,21 +531,26 @@ class ClusterNode:
                 if self._closed:
                     break  # its own goodbye
                 self._declared_down()
-                return
+                return True
             if mine and type(event) is Tick:
                 self._ticking = False
-                if self.clock is not None:
-                    self.clock.ahead(parse_entry_id(entry_id)[0], self._tick_for)
+                ms = parse_entry_id(entry_id)[0]
+                if ms < self._tick_for and self.clock is not None:
+                    # Our clock is ahead of Redis's: the tick came too early.
+                    self.clock.correct(self._tick_for - ms)
             if effects:
                 local = local_effects(effects, me, handles)
                 if not mine:
                     local = [e for e in local if type(e) is not Ended]
                 out.extend(local)
-            last_ms = parse_entry_id(entry_id)[0]
-        if self.clock is not None and last_ms:
-            self.clock.behind(last_ms)
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
+        if self._rewrite and self.started:
+            self._rewrite = False
+            # What Redis lost, this replica still holds: make it the base a node starting now reads.
+            task = asyncio.get_running_loop().create_task(self._write_snapshot())
+            self._tasks.append(task)
+        return not gap
 
     async def _monitor(self) -> None:
         """Heartbeat, declare silent nodes down, write snapshots."""
@@ -539,6 +558,7 @@ class ClusterNode:
 
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.snapshot_interval
+        next_clock = loop.time() + 30.0
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
@@ -548,7 +568,7 @@ class ClusterNode:
                     pipe.smembers(self.nodes_key)
                     _, _, members = await pipe.execute()
                 others = sorted(m.decode() for m in members if m.decode() != self.node_id)
-                if others:
+                if others and time.monotonic() >= self._quiet_until:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for node in others:
                             pipe.exists(self._heartbeat_key(node))
@@ -563,6 +583,9 @@ class ClusterNode:
                 for node in self.replica.nodes():
                     if node != self.node_id and node not in known:
                         self._append(NodeDown(self.node_id, node))
+                if loop.time() >= next_clock:
+                    next_clock = loop.time() + 30.0
+                    await self._measure_clock()  # the two clocks drift apart slowly
                 if loop.time() >= next_snapshot:
                     next_snapshot = loop.time() + self.snapshot_interval
                     await self._snapshot()
@@ -570,10 +593,24 @@ class ClusterNode:
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 self._unreachable(exc)
 
+    async def _fcall(self, name: str, numkeys: int, *args: Any) -> Any:
+        """``FCALL``, loading the library again first if Redis lost it (a new, empty Redis)."""
+        import redis.asyncio as aioredis
+
+        try:
+            return await self._redis.fcall(name, numkeys, *args)
+        except aioredis.ResponseError as exc:
+            if "Function not found" not in str(exc):
+                raise
+            log.warning("cluster: Redis at %s has no deskpush functions (a new, empty Redis?): loading them",
+                        _shown(self.url))
+            await self._redis.function_load(LIBRARY, replace=True)
+            return await self._redis.fcall(name, numkeys, *args)
+
     async def _node_down(self, node: str) -> bool:
         event = encode_event(NodeDown(self.node_id, node))
-        done = await self._redis.fcall("deskpush_node_down", 3, self.nodes_key, self._heartbeat_key(node),
-                                       self.log_key, node, event)
+        done = await self._fcall("deskpush_node_down", 4, self.nodes_key, self._heartbeat_key(node),
+                                       self.log_key, self.counter_key, node, event)
         return bool(done)
 
     async def _snapshot(self) -> None:
@@ -583,15 +620,30 @@ class ClusterNode:
         started = time.perf_counter()
         blob = self.replica.dump(self._key)
         position = self.replica.position
-        kept = await self._redis.fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob)
+        kept = await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob)
         log.debug("cluster: snapshot at %s, %d bytes in %.1f ms (%s)", position, len(blob),
                   (time.perf_counter() - started) * 1000, "kept" if kept else "older than the one kept")
 
+    async def _write_snapshot(self) -> None:
+        """Write this replica as the snapshot now, lease or not (kept if newer than the one in Redis)."""
+        import redis.asyncio as aioredis
+
+        try:
+            await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, self.replica.position,
+                              self.replica.dump(self._key))
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            self._unreachable(exc)
+            self._rewrite = True  # the next batch tries again
+
     async def _check_behind(self) -> None:
         trimmed = await self._redis.hget(self.snapshot_key, "trimmed")
-        if trimmed is not None and _before(self.replica.position, trimmed.decode()):
-            log.warning("cluster: node %s is at %s, before the log's trim at %s: loading the snapshot",
-                        self.node_id, self.replica.position, trimmed.decode())
+        behind = trimmed is not None and _before(self.replica.position, trimmed.decode())
+        batch = await self._redis.xread({self.log_key: self.replica.position}, count=1)
+        if batch and int(batch[0][1][0][1][b"n"]) > self.replica.number + 1:
+            behind = True
+        if behind:
+            log.warning("cluster: node %s is at %s (entry %d), behind the log's start: loading the snapshot",
+                        self.node_id, self.replica.position, self.replica.number)
             await self._load_snapshot()
             await self._catch_up()
             if self.dispatcher is not None:
@@ -603,14 +655,13 @@ class ClusterNode:
             log.error("cluster: Redis's log ends at %s but this node applied up to %s: Redis lost entries "
                       "(restarted from an AOF without its last writes, or failed over to a replica that "
                       "lagged). Writing this node's state as the snapshot.", last, self.replica.position)
-            blob = self.replica.dump(self._key)
-            await self._redis.fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key,
-                                    self.replica.position, blob)
+            await self._write_snapshot()
 
     def _declared_down(self) -> None:
         """Another node declared this one down (a pause longer than nodeTimeout): start over."""
         old = self.node_id
         self.node_id = self._new_id()
+        self._ticking = False  # a tick on its way is the old id's now: this one must tick afresh
         log.error("cluster: node %s was declared down by another node (no heartbeat for %g s); "
                   "its sessions are closed and it rejoins as %s", old, self.node_timeout, self.node_id)
         self._resync("declared down")
@@ -619,10 +670,8 @@ class ClusterNode:
         conns = list(self._conns)
         self._handles.clear()
         self._conns.clear()
-        if self.on_resync is not None:
-            self.on_resync(why)
         for conn in conns:
-            conn.close(1012, f"cluster: node {why}")
+            conn.close(*CLOSE_NODE_RESYNC)
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.unreachable_since is None:
@@ -633,6 +682,7 @@ class ClusterNode:
 
     def _reachable(self) -> None:
         if self.unreachable_since is not None:
+            self._quiet_until = time.monotonic() + self.node_timeout
             log.warning("cluster: Redis at %s is reachable again after %.1f s", _shown(self.url),
                         time.monotonic() - self.unreachable_since)
             self.unreachable_since = None
@@ -641,6 +691,8 @@ class ClusterNode:
 
     def not_ready(self) -> str | None:
         """Why this node takes no new sessions (Redis away longer than ``redisTimeout``), or None."""
+        if self.failed:
+            return self.failed
         if not self.started:
             return "joining the cluster"
         since = self.unreachable_since
@@ -648,8 +700,10 @@ class ClusterNode:
             return f"redis unreachable for {time.monotonic() - since:.0f} s: {self.last_error}"
         return None
 
-    def statistics(self) -> dict[str, Any]:
-        return {"clusterBuffered": len(self._outbox), "clusterApplied": self.replica.applied}
+    def statistics(self) -> dict[str, int]:
+        """This node's side of the cluster, for ``/stats`` and ``/metrics``."""
+        return {"clusterRedisUp": int(self.started and self.unreachable_since is None),
+                "clusterBuffered": len(self._outbox), "clusterApplied": self.replica.applied}
 
 
 def _shown(url: str) -> str:

@@ -321,12 +321,20 @@ class Collector:
                       "Authentication attempts refused unchecked (429, 4429) over auth.failedAuthLimit",
                       s["refusedAuthThrottled"])
 
+        # Cluster mode (0 in embedded mode).
+        yield gauge("deskpush_cluster_redis_up", "Cluster mode: 1 while this node reaches Redis, else 0 "
+                    "(embedded mode: 0)", s["clusterRedisUp"])
+        yield gauge("deskpush_cluster_buffered_events", "Cluster mode: events waiting in this node for Redis",
+                    s["clusterBuffered"])
+        yield counter("deskpush_cluster_applied_entries", "Cluster mode: log entries this node's replica applied",
+                      s["clusterApplied"])
+
 
 #: Every key of ``DeskpushServer.statistics()`` the collector exports (a test holds them equal).
 EXPORTED_STATISTICS = frozenset({
     "agents", "agentSessions", "integrators", "live", "displayed", "outcomes", "offers", "remembered", "history",
     "timers", "connections", "refusedOutOfFds", "acceptPauses", "openFilesLimit", "pendingHandshakes",
-    "refusedPendingHandshakes", "refusedAuthThrottled",
+    "refusedPendingHandshakes", "refusedAuthThrottled", "clusterRedisUp", "clusterBuffered", "clusterApplied",
 })
 
 

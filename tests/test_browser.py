@@ -186,6 +186,7 @@ def config_with(*templates: Template, port: int = 0, **limits: Any) -> Config:
 # The agent desktop
 
 
+@pytest.mark.parametrize("serve", ["embedded", "cluster"], indirect=True)  # cluster: 3 nodes, pages on different ones
 async def test_offer_appears_as_card_and_accept(browser: Any, server: DeskpushServer, integrator: Integrator) -> None:
     page = await open_desktop(browser, server)
     rid = await integrator.notify("agent-7", params={"customerName": "Jane Doe", "queueName": "Billing"})
@@ -373,6 +374,7 @@ async def test_queue_indicator(browser: Any, server: DeskpushServer, integrator:
     assert page.errors == []
 
 
+@pytest.mark.parametrize("serve", ["embedded", "cluster"], indirect=True)  # cluster: 3 nodes, pages on different ones
 async def test_two_tabs_answer_in_one_hides_in_other(browser: Any, server: DeskpushServer,
                                                      integrator: Integrator) -> None:
     ctx = await browser.new_context()
@@ -601,6 +603,7 @@ async def test_desktop_alert_once_across_hidden_tabs(browser: Any, server: Deskp
 # cif.js and the integrator page
 
 
+@pytest.mark.parametrize("serve", ["embedded", "cluster"], indirect=True)  # cluster: 3 nodes, pages on different ones
 async def test_cif_example_runs_unchanged(browser: Any, server: DeskpushServer) -> None:
     desktop = await open_desktop(browser, server, "agent-1")
     page = await browser.new_page()

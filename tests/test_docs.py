@@ -185,7 +185,7 @@ def test_example_config_loads():
 def test_example_config_names_every_key():
     text = read(EXAMPLE_TOML)
     for cls in (config.Config, config.ServerSection, config.AuthSection, Limits,
-                config.ApiKey, Template, FieldTemplate):
+                config.ApiKey, Template, FieldTemplate, config.ClusterSection):
         for name in names(cls):
             assert re.search(rf"\b{re.escape(name)}\b", text), f"{cls.__name__}.{name} missing from {EXAMPLE_TOML.name}"
 
@@ -214,7 +214,7 @@ def _default_text(value: object) -> str | None:
 
 
 @pytest.mark.parametrize("cls", [config.Config, config.ServerSection, config.AuthSection, Limits,
-                                 config.ApiKey, Template, FieldTemplate])
+                                 config.ApiKey, Template, FieldTemplate, config.ClusterSection])
 def test_configuration_md_documents_every_key_and_default(cls):
     text = read(CONFIGURATION_MD)
     for fi in msgspec.structs.fields(cls):
@@ -272,8 +272,8 @@ def test_configuration_md_cli_options(capsys):
     text = read(CONFIGURATION_MD)
     with pytest.raises(SystemExit):
         main(["--help"])
-    commands = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert commands == ["serve", "token", "notify", "reload"]
+    commands = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert commands == ["serve", "token", "notify", "reload", "local-cluster"]
     for command in commands:
         assert f"### deskpush {command}" in text, command
         with pytest.raises(SystemExit):

@@ -45,6 +45,8 @@ from deskpush.server.config import ServerSection
 
 from .conftest import API_KEY, SECRET, UNIT, open_agent, open_integrator, recv_json, send_json
 
+BOTH_MODES = True  # the server fixture: embedded, and three cluster nodes on Redis (the SDK's drops land it on another node)
+
 CHAT = "msdyn_chat_incoming_unauthenticated"
 FAST = Reconnect(attempts=None, timeout=10.0, initial=0.02, maximum=0.2)
 
