@@ -314,13 +314,14 @@ async function cancels() {
   return { cancelled, cancelsPerSec: cancelled / w.seconds, latencyMs: summary(lat), other, ...w };
 }
 
-// Failover (cluster mode, three nodes or more): agent i on node i % n; the integrator on node 0 sends
-// offers to the agents of the nodes that stay up (a closed loop, as in offer), then this process kills
-// the last node (kill -9 of cfg.killPid, the clock starts). There is no load balancer here: each of
-// that node's agents, when its connection drops, connects again to a surviving node directly (agent i
-// to survivor i % (n - 1)), at most cfg.burst at a time, retrying as in connectAll; once it is
-// welcomed, the integrator sends it a new offer. Seconds from the kill until the last of them has
-// that offer on its desktop.
+// Failover (cluster mode, three nodes or more): agent i on node i % n, connected to it directly so
+// that which agents the kill hits is known; the integrator, on node 0, sends offers to the agents of
+// the nodes that stay up (a closed loop, as in offer). Then this process kills the last node (kill -9
+// of cfg.killPid, the clock starts). Each of that node's agents, when its connection drops, connects
+// again as a desktop does: through the load balancer (cfg.balancer, HAProxy), or without one to a
+// surviving node directly (agent i to survivor i % (n - 1)); at most cfg.burst at a time, retrying as
+// in connectAll. Once it is welcomed, the integrator sends it a new offer. Seconds from the kill until
+// the last of them has that offer on its desktop.
 async function failover() {
   const n = URLS.length, victim = n - 1, survivors = URLS.slice(0, victim);
   const ids = Array.from({ length: cfg.agents }, (_, i) => `agent-${i}`);
@@ -362,7 +363,7 @@ async function failover() {
     startedAt.set(i, now());
     for (let attempt = 0; ; attempt++) {
       try {
-        await connectAgent(survivors[i % survivors.length], ids[i], token(ids[i]), handler(i));
+        await connectAgent(cfg.balancer || survivors[i % survivors.length], ids[i], token(ids[i]), handler(i));
         break;
       } catch (e) {
         if (attempt >= 20) { failed++; settle(); return; }

@@ -81,6 +81,7 @@ class Server:
     log_level: str = "INFO"
     metrics: bool = True  # deskpush's server.metrics
     nodes: int = 0  # cluster mode: this many deskpush nodes on one redis-server started for the run
+    balancer: bool = False  # the nodes behind HAProxy: server/localcluster.py's LocalCluster
 
 
 SERVERS = [
@@ -90,8 +91,8 @@ SERVERS = [
     # the integrator on the last node, so half the agents' offers cross nodes with two.
     Server("deskpush-cluster-1", "deskpush 1 node + Redis", "raw", ("offer", "timeout"), nodes=1),
     Server("deskpush-cluster-2", "deskpush 2 nodes + Redis", "raw", ("offer", "timeout"), nodes=2),
-    # The failover workload only: kill -9 of the last of three nodes.
-    Server("deskpush-cluster-3", "deskpush 3 nodes + Redis", "raw", ("failover",), nodes=3),
+    # The failover workload only: kill -9 of the last of three nodes behind HAProxy (make cluster's).
+    Server("deskpush-cluster-3", "deskpush 3 nodes + Redis", "raw", ("failover",), nodes=3, balancer=True),
     Server("floor", "floor", "raw", ("offer", "storm", "timeout", "cancel")),
     Server("socketio", "Socket.IO (Node)", "sio", ("offer", "storm", "timeout", "cancel")),
     Server("pysio", "python-socketio", "sio", ("offer", "storm", "timeout", "cancel")),
@@ -148,6 +149,7 @@ METRICS = [
     ("failover", "retries", "failover: reconnect attempts refused", None),
     ("failover", "cpu_s", "failover: server CPU s", None),
     ("failover", "redis_s", "failover: Redis CPU s", None),
+    ("failover", "balancer_s", "failover: HAProxy CPU s", None),
     ("failover", "gen_pct", "failover: generator CPU % of a core", None),
 ]
 
@@ -246,6 +248,8 @@ def sample(pids: dict[str, int]) -> dict:
             continue
         if role == "redis":
             out["redis_cpu"] = got["cpu"]
+        elif role == "balancer":
+            out["balancer_cpu"] = got["cpu"]
         else:
             for key in ("cpu", "VmRSS", "VmHWM"):
                 out[key] += got.get(key, 0.0)
@@ -455,6 +459,77 @@ class Running:
             spy.wait(30)
 
 
+class RunningBalanced:
+    """A cluster behind HAProxy, as ``make cluster`` runs one: server/localcluster.py's ``LocalCluster``
+    (redis-server, the nodes, HAProxy checking /readyz), with the bench's config; stop() ends it.
+
+    LocalCluster is asyncio and its children die with the thread that started them, so it runs on an
+    event loop in a thread of its own for as long as the cluster lives.
+    """
+
+    def __init__(self, server: Server, workload: str, tmp: Path, profile: Path | None = None,
+                 timeout: float = 2.0) -> None:
+        import asyncio
+
+        from deskpush.server.localcluster import ClusterError, LocalCluster
+
+        self.name = server.name
+        cfg = tmp / f"{server.name}-{workload}.toml"
+        deskpush_config(cfg, workload, server.metrics, timeout)
+        self.cluster = LocalCluster(server.nodes, config=cfg, log_level=server.log_level,
+                                    workdir=Path(tempfile.mkdtemp(prefix=f"{server.name}-{workload}-", dir=tmp)))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="localcluster", daemon=True)
+        self.thread.start()
+        self.spies: list[subprocess.Popen] = []
+        try:
+            self._call(self.cluster.start(), 120)
+        except ClusterError as exc:
+            self._end_loop()
+            raise BenchError(f"{server.name}: {exc}") from None
+        self.ports = self.cluster.node_ports
+        self.port = self.ports[0]
+        self.balancer_url = f"http://127.0.0.1:{self.cluster.balancer_port}"
+        self.pids = {f"node{i}": self.cluster.node_pid(i) for i in range(server.nodes)}
+        self.pids["redis"] = self.cluster.redis.child.proc.pid
+        self.pids["balancer"] = self.cluster.balancer.child.proc.pid
+        time.sleep(0.3)  # let it settle before the idle sample
+        self.idle = sample(self.pids)
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            for i in range(server.nodes):
+                out = profile / f"{server.name}-{workload}-node{i}.txt"
+                self.spies.append(subprocess.Popen(
+                    [py_spy(), "record", "--pid", str(self.pids[f"node{i}"]), "--format", "raw", "--rate", "250",
+                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def _call(self, coro, timeout: float):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def tail(self) -> str:
+        return "\n".join(f"--- node {i}\n" + "\n".join(self.cluster.node_log(i).splitlines()[-15:])
+                         for i in range(len(self.ports)))
+
+    def stop(self) -> None:
+        """The balancer, then the nodes (SIGINT, SIGKILL after 10 s) and Redis: LocalCluster.close()."""
+        try:
+            self._call(self.cluster.close(), 120)
+        finally:
+            self._end_loop()
+        for spy in self.spies:
+            spy.wait(30)
+
+
 def run_generator(gen: str, params: dict, server: Running, timeout: float) -> tuple[dict, dict, dict]:
     """Run one generator process; returns (result, samples at marks, generator samples at marks)."""
     if gen == "node":
@@ -539,6 +614,8 @@ def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -
             problems.append(f"offers that did not end with Accept: {bad}, {r['unanswered']} without a result")
     if redis is not None and workload != "offer":
         out["redis_s"] = redis
+    if "balancer_cpu" in m["start"]:
+        out["balancer_s"] = m["end"]["balancer_cpu"] - m["start"]["balancer_cpu"]
     return {k: v if k in ("overflows", "retries") or v is None else float(v) for k, v in out.items()}, problems
 
 
@@ -701,14 +778,17 @@ NOTES = """\
   "server" figures are the nodes' together (CPU summed over the nodes, % of one core, so two nodes may pass
   100); Redis's CPU has rows of its own. The target: 1 node + Redis at least 0.35x the embedded server's
   outcomes/s in the same run, and timeout storm p99 lateness at most 100 ms.
-- **Failover.** 6,000 agents over 3 nodes + Redis (2,000 each), the integrator on node 0; offers flow to the
-  agents of nodes 0 and 1 (a closed loop of 50, as in the offer round trip) for 2 s, then the generator
-  sends SIGKILL to node 2 and starts its clock. There is no load balancer in the bench: each of node 2's
-  agents, when its connection drops, connects again directly to a surviving node (agent *i* to node *i* mod
-  2), at most 200 connecting at once as in the storm, retrying as there; once it is welcomed, the
-  integrator sends it a new offer. The figure: seconds from the kill until the last of the 2,000 has that
-  offer on its desktop (target: at most 5 s); also until the last is welcomed, and the median per agent.
-  Every offer must end with Accept, the background's and the new ones.
+- **Failover.** 3 nodes + Redis behind HAProxy, as `make cluster` runs them (`server/localcluster.py`:
+  HAProxy checks `/readyz` every 500 ms, takes a node out after 2 failures, and redispatches a connection a
+  dead node refuses). 6,000 agents, agent *i* connected directly to node *i* mod 3 (so the 2,000 the kill
+  hits are known), the integrator on node 0; offers flow to the agents of nodes 0 and 1 (a closed loop of
+  50, as in the offer round trip) for 2 s, then the generator sends SIGKILL to node 2 and starts its
+  clock. Each of node 2's agents, when its connection drops, connects again through HAProxy, at most 200
+  connecting at once as in the storm, retrying as there; once it is welcomed, the integrator sends it a
+  new offer. The figure: seconds from the kill until the last of the 2,000 has that offer on its desktop
+  (target: at most 5 s); also until the last is welcomed, the median per agent, and the median time from
+  starting to reconnect to the welcome. Every offer must end with Accept, the background's and the new
+  ones. HAProxy's CPU is on its own row, not in the server's.
 - **Frames per offer.** deskpush and the floor: notifyEvent, notification, respond, result, resolved (the
   same frames, the same sizes); `+progress` adds the two status frames. The Socket.IO peers: notify,
   notification, ack, ack (the agent learns the outcome from its own ack, so no resolved), i.e. one
@@ -815,19 +895,14 @@ def ensure_pysio(need: bool) -> None:
                        check=True, stdout=sys.stderr)
 
 
-def ensure_redis(need: bool) -> None:
-    """Cluster mode's client (redis-py with hiredis) in this venv, and Debian's redis-server on the machine."""
-    if not need:
-        return
-    if not (shutil.which("redis-server") or Path("/usr/sbin/redis-server").exists()):
-        raise BenchError("the deskpush-cluster servers need redis-server (Debian's redis-server package); "
-                         "without it leave them out of --servers")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        print("bench: pip install 'redis[hiredis]>=5'", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "redis[hiredis]>=5"], check=True,
-                       stdout=sys.stderr)
+def ensure_cluster_tools(servers: list[str]) -> None:
+    """Debian's redis-server for the cluster servers, and haproxy for the one behind a balancer."""
+    need = {"redis-server"} if any(BY_NAME[s].nodes for s in servers) else set()
+    need |= {"haproxy"} if any(BY_NAME[s].balancer for s in servers) else set()
+    missing = [name for name in sorted(need) if not shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin")]
+    if missing:
+        raise BenchError(f"the deskpush-cluster servers need {' and '.join(missing)} (Debian's packages; "
+                         "make cluster-tools installs them); without them leave those servers out of --servers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -866,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         raise_nofile(max(sizes[w].get("agents", 0) for w in workloads) + 200)
         ensure_node(args.gen == "node" or "socketio" in servers)
         ensure_pysio("pysio" in servers)
-        ensure_redis(any(BY_NAME[s].nodes for s in servers))
+        ensure_cluster_tools(servers)
         if args.profile and not py_spy():
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
         if args.baseline:
@@ -916,10 +991,13 @@ def run_all(gen: str, sizes: dict, runs: int, workloads: list[str], servers: lis
                         params["progress"] = params["cancelOn"] == "status"
                     t0 = time.monotonic()
                     try:
-                        srv = Running(server, workload, tmp, profile, timeout=sizes["timeout"]["timeout"])
+                        kind = RunningBalanced if server.balancer else Running
+                        srv = kind(server, workload, tmp, profile, timeout=sizes["timeout"]["timeout"])
                         try:
                             # Agent i connects to urls[i % len(urls)], the integrator to the last one.
                             params["url"], params["urls"] = srv.urls[0], srv.urls
+                            if server.balancer:
+                                params["balancer"] = srv.balancer_url
                             if workload == "failover":
                                 # The generator kills the last node itself: one clock from kill to welcome.
                                 params["killPid"] = srv.pids[f"node{server.nodes - 1}"]

@@ -98,8 +98,9 @@ def test_table_summarises_runs_and_judges_targets() -> None:
             ("timeout", name): {"p50": 20.0, "p99": p99, "max": 120.0, "cpu_s": 3.0, "redis_s": 1.0, "gen_pct": 5.0}
             for name, p99 in [("deskpush-cluster-1", 90.0), ("deskpush-cluster-2", 110.0)]
         } | {
-            ("failover", "deskpush-cluster-3"): {"seconds": 4.0 * scale, "welcomed": 3.0, "p50": 2.0, "connect_p50": 0.5, "retries": 0,
-                                                 "cpu_s": 5.0, "redis_s": 1.0, "gen_pct": 60.0}
+            ("failover", "deskpush-cluster-3"): {"seconds": 4.0 * scale, "welcomed": 3.0, "p50": 2.0,
+                                                 "connect_p50": 0.5, "retries": 0, "cpu_s": 5.0, "redis_s": 1.0,
+                                                 "balancer_s": 0.5, "gen_pct": 60.0}
         }
 
     results = [figs(1.0), figs(1.1)]
