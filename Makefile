@@ -74,10 +74,11 @@ cluster-tools:
 	fi
 
 # Benchmarks against the peers: prints the table and writes bench/RESULTS.md
-# (about 7 min on 2 cores). Needs Node.js and npm; installs bench/node_modules
-# and python-socketio + aiohttp into the venv on first use.
+# (about 12 min on 2 cores), cluster mode included. Needs Node.js and npm;
+# installs bench/node_modules, python-socketio + aiohttp into the venv on
+# first use, and redis-server and haproxy as `make test` does.
 # `make bench ARGS=--quick` is a smoke run in under a minute.
-bench: $(STAMP)
+bench: $(STAMP) cluster-tools
 	$(PY) -m bench.run $(ARGS)
 
 # The reliability run against real servers: a 10-minute churn soak with 2,000 agents,

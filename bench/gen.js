@@ -3,6 +3,9 @@
 //
 //   node bench/gen.js '{"proto":"raw","workload":"offer","url":"http://127.0.0.1:8000",...}'
 //
+// With "urls" (cluster mode, several nodes) agent i connects to urls[i % urls.length] and the
+// integrator to the last one: with two nodes, half the agents get their offers from the other node.
+//
 // It prints JSON lines: {"mark":"start"} and {"mark":"end"} around the measured window (bench/run.py
 // samples the server's and this process's CPU and memory when it reads them), then {"result":{...}}.
 // Latencies are measured here, on one clock (performance.now()); lateness against a server's
@@ -18,6 +21,7 @@ const PARAMS = { customerName: "Jane Doe", queueName: "Billing" };
 const now = () => performance.now();
 const wallMs = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const URLS = cfg.urls || [cfg.url];
 const say = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 function b64(obj) {
@@ -30,12 +34,13 @@ function token(agentId) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Clients. An agent calls h.notification(frame, answer) and h.resolved(frame); connect resolves
-// when the agent is welcomed. An integrator has notify(req, cb) and cancel(token, cb).
+// Clients. An agent calls h.notification(frame, answer) and h.resolved(frame), and h.closed() if
+// it has one when its connection drops after the welcome; connect resolves when the agent is
+// welcomed. An integrator has notify(req, cb) and cancel(token, cb).
 
-function rawAgent(id, tok, h) {
+function rawAgent(url, id, tok, h) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(cfg.url.replace("http", "ws") + "/agent", { perMessageDeflate: false, handshakeTimeout: 60000 });
+    const ws = new WebSocket(url.replace("http", "ws") + "/agent", { perMessageDeflate: false, handshakeTimeout: 60000 });
     let welcomed = false;
     ws.on("open", () => ws.send(JSON.stringify({ type: "hello", token: tok })));
     ws.on("message", (data) => {
@@ -50,7 +55,10 @@ function rawAgent(id, tok, h) {
       }
     });
     ws.on("error", (e) => { if (!welcomed) reject(e); });
-    ws.on("close", (code) => { if (!welcomed) reject(new Error(`closed ${code} before welcome`)); });
+    ws.on("close", (code) => {
+      if (!welcomed) reject(new Error(`closed ${code} before welcome`));
+      else if (h.closed) h.closed(code);
+    });
   });
 }
 
@@ -58,9 +66,9 @@ function rawAgent(id, tok, h) {
 // client is not what is measured, and socket.io-client costs a core of its own at these rates.
 // 0 = Engine.IO open, 2/3 = ping/pong; 40 = namespace connect (our auth), 44 = connect error;
 // 42[id][...] = event (with an ack id when one is wanted), 43id[...] = ack.
-function sioSocket(auth, onEvent) {
+function sioSocket(url, auth, onEvent) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(cfg.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket",
+    const ws = new WebSocket(url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket",
       { perMessageDeflate: false, handshakeTimeout: 60000 });
     const acks = new Map();
     let seq = 0, connected = false;
@@ -100,16 +108,16 @@ function sioSocket(auth, onEvent) {
   });
 }
 
-function sioAgent(id, tok, h) {
-  return sioSocket({ token: tok }, (event, m, ack) => {
+function sioAgent(url, id, tok, h) {
+  return sioSocket(url, { token: tok }, (event, m, ack) => {
     if (event === "notification") h.notification(m, (action) => ack({ action }));
     else if (event === "resolved") h.resolved(m);
   });
 }
 
-function rawIntegrator(onStatus) {
+function rawIntegrator(onStatus, url = URLS[URLS.length - 1]) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(cfg.url.replace("http", "ws") + "/integrator", {
+    const ws = new WebSocket(url.replace("http", "ws") + "/integrator", {
       perMessageDeflate: false,
       headers: { Authorization: `Bearer ${cfg.apiKey}` },
     });
@@ -139,8 +147,8 @@ function rawIntegrator(onStatus) {
   });
 }
 
-async function sioIntegrator() {
-  const s = await sioSocket({ apiKey: cfg.apiKey }, () => {});
+async function sioIntegrator(onStatus, url = URLS[URLS.length - 1]) {
+  const s = await sioSocket(url, { apiKey: cfg.apiKey }, () => {});
   return {
     notify(req, cb) { s.emit("notify", req, cb); },
     cancel(cancellationToken, cb) { s.emit("cancel", { cancellationToken }, cb); },
@@ -151,7 +159,8 @@ const connectAgent = cfg.proto === "sio" ? sioAgent : rawAgent;
 const connectIntegrator = cfg.proto === "sio" ? sioIntegrator : rawIntegrator;
 
 // Agents connect at most cfg.burst at a time: each one welcomed lets the next start. A failed
-// connection is retried after a pause, as a reconnecting client does.
+// connection is retried after a pause, as a reconnecting client does. h is the agents' handler,
+// or a function of the agent's index that returns its own.
 async function connectAll(n, h) {
   const ids = Array.from({ length: n }, (_, i) => `agent-${i}`);
   const tokens = ids.map(token);
@@ -162,7 +171,7 @@ async function connectAll(n, h) {
       const i = next++;
       for (let attempt = 0; ; attempt++) {
         try {
-          conns[i] = await connectAgent(ids[i], tokens[i], h);
+          conns[i] = await connectAgent(URLS[i % URLS.length], ids[i], tokens[i], typeof h === "function" ? h(i) : h);
           break;
         } catch (e) {
           if (attempt >= 5) throw new Error(`agent ${ids[i]}: ${e.message}`);
@@ -305,7 +314,104 @@ async function cancels() {
   return { cancelled, cancelsPerSec: cancelled / w.seconds, latencyMs: summary(lat), other, ...w };
 }
 
-const WORKLOADS = { offer, storm, timeout: timeouts, cancel: cancels };
+// Failover (cluster mode, three nodes or more): agent i on node i % n, connected to it directly so
+// that which agents the kill hits is known; the integrator, on node 0, sends offers to the agents of
+// the nodes that stay up (a closed loop, as in offer). Then this process kills the last node (kill -9
+// of cfg.killPid, the clock starts). Each of that node's agents, when its connection drops, connects
+// again as a desktop does: through the load balancer (cfg.balancer, HAProxy), or without one to a
+// surviving node directly (agent i to survivor i % (n - 1)); at most cfg.burst at a time, retrying as
+// in connectAll. Once it is welcomed, the integrator sends it a new offer. Seconds from the kill until
+// the last of them has that offer on its desktop.
+async function failover() {
+  const n = URLS.length, victim = n - 1, survivors = URLS.slice(0, victim);
+  const ids = Array.from({ length: cfg.agents }, (_, i) => `agent-${i}`);
+  const victims = ids.map((_, i) => i).filter((i) => i % n === victim);
+  const others = ids.filter((_, i) => i % n !== victim);
+  const closedAt = new Map(), welcomedAt = new Map(), offeredAt = new Map(), outcomes = {};
+  let tKill = null, retries = 0, failed = 0, probes = 0, results = 0, finished;
+  const allBack = new Promise((r) => (finished = r));
+  const settle = () => { if (offeredAt.size + failed === victims.length) finished(); };
+  const queue = [];
+  let active = 0;
+  const pump = () => {
+    while (active < cfg.burst && queue.length) {
+      active++;
+      reconnect(queue.shift()).finally(() => { active--; pump(); });
+    }
+  };
+  const handler = (i) => ({
+    notification: (m, answer) => {
+      if (m.correlationId === `p${i}` && !offeredAt.has(i)) { offeredAt.set(i, now()); settle(); }
+      answer("Accept");
+    },
+    resolved: () => {},
+    closed: () => {
+      if (tKill === null || i % n !== victim || welcomedAt.has(i) || closedAt.has(i)) return;
+      closedAt.set(i, now());
+      queue.push(i);
+      pump();
+    },
+  });
+  const record = (value) => {
+    const key = value.actionName ? `${value.actionName}/${value.responseReason}` : `error:${value.error && value.error.message}`;
+    outcomes[key] = (outcomes[key] || 0) + 1;
+    results++;
+  };
+  let integ;
+  const startedAt = new Map();
+  const reconnect = async (i) => {
+    startedAt.set(i, now());
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await connectAgent(cfg.balancer || survivors[i % survivors.length], ids[i], token(ids[i]), handler(i));
+        break;
+      } catch (e) {
+        if (attempt >= 20) { failed++; settle(); return; }
+        retries++;
+        await sleep(100 * Math.min(attempt + 1, 10));
+      }
+    }
+    welcomedAt.set(i, now());
+    probes++;
+    integ.notify(offerRequest(ids[i], 0, { correlationId: `p${i}` }), record);
+  };
+  await connectAll(cfg.agents, handler);
+  integ = await connectIntegrator(() => {}, URLS[0]);
+  const st = loopState();
+  let seq = 0, background = 0;
+  const fire = (slot, k, st) => {
+    integ.notify(offerRequest(others[(slot + k * cfg.inflight) % others.length], ++seq), (value) => {
+      record(value);
+      if (tKill !== null) background++;
+      if (st.running) fire(slot, k + 1, st); else st.active--;
+    });
+  };
+  for (let slot = 0; slot < cfg.inflight; slot++) fire(slot, 0, st);
+  await sleep(cfg.warmup * 1000);
+  say({ mark: "start" });
+  tKill = now();
+  process.kill(cfg.killPid, "SIGKILL");
+  await Promise.race([allBack, sleep(60000)]);
+  const tEnd = now();
+  say({ mark: "end" });
+  st.running = false;
+  const deadline = now() + 10000;
+  while ((st.active > 0 || results < seq + probes) && now() < deadline) await sleep(20);
+  const since = (m) => Array.from(m.values(), (t) => (t - tKill) / 1000);
+  const last = (m) => (m.size ? Math.max(...since(m)) : null);
+  return {
+    victims: victims.length, recovered: offeredAt.size, failed, seconds: last(offeredAt), welcomedSeconds: last(welcomedAt),
+    perAgent: summary(since(offeredAt)), closed: summary(since(closedAt)), welcomed: summary(since(welcomedAt)),
+    // Per agent, seconds: waiting for a free connection slot, connecting until welcomed, welcomed until offered.
+    queued: summary(Array.from(startedAt, ([i, t]) => (t - closedAt.get(i)) / 1000)),
+    connecting: summary(Array.from(welcomedAt, ([i, t]) => (t - startedAt.get(i)) / 1000)),
+    offering: summary(Array.from(offeredAt, ([i, t]) => (t - welcomedAt.get(i)) / 1000)),
+    retries, windowSeconds: (tEnd - tKill) / 1000,
+    backgroundOutcomes: background, outcomes, unanswered: seq + probes - results,
+  };
+}
+
+const WORKLOADS = { offer, storm, timeout: timeouts, cancel: cancels, failover };
 WORKLOADS[cfg.workload]()
   .then((result) => { say({ result }); process.exit(0); })
   .catch((e) => { process.stderr.write(`gen: ${e.stack || e}\n`); process.exit(1); });

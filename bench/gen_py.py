@@ -57,11 +57,13 @@ async def agent(url: str, agent_id: str, secret: str) -> object:
 
 
 async def offer(cfg: dict) -> dict:
-    url = cfg["url"].replace("http", "ws", 1)
+    # Cluster mode: agent i on urls[i % len(urls)], the integrator on the last one (as in gen.js).
+    urls = [u.replace("http", "ws", 1) for u in cfg.get("urls") or [cfg["url"]]]
     ids = [f"agent-{i}" for i in range(cfg["agents"])]
     for b in range(0, len(ids), cfg["burst"]):
-        await asyncio.gather(*(agent(url, i, cfg["secret"]) for i in ids[b:b + cfg["burst"]]))
-    integ = await connect(url + "/integrator", compression=None,
+        await asyncio.gather(*(agent(urls[int(i.rpartition("-")[2]) % len(urls)], i, cfg["secret"])
+                               for i in ids[b:b + cfg["burst"]]))
+    integ = await connect(urls[-1] + "/integrator", compression=None,
                           additional_headers={"Authorization": f"Bearer {cfg['apiKey']}"})
     inflight = cfg["inflight"]
     pending: dict[str, tuple[int, int, float]] = {}

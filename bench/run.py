@@ -1,17 +1,21 @@
 """deskpush's benchmarks against its peers: one command, one table.
 
-    python -m bench.run                  # everything, 3 runs (about 7 minutes on 2 cores)
+    python -m bench.run                  # everything, 3 runs (about 12 minutes on 2 cores)
     python -m bench.run --quick          # tiny counts, 1 run: a smoke run (under a minute)
     python -m bench.run --only offer --runs 5 --servers deskpush,floor
     python -m bench.run --baseline HEAD~3    # also deskpush as of an earlier commit, side by side
+    python -m bench.run --servers deskpush,deskpush-cluster-1,deskpush-cluster-2 --only offer --only timeout
+    python -m bench.run --only failover      # kill -9 of one of three cluster nodes
 
-Each server under test runs as its own process on 127.0.0.1 (a free port) and is
-driven by a load generator in another process (bench/gen.js, Node.js with ``ws``
-which also speaks Socket.IO; or bench/gen_py.py, pure Python, for the deskpush/floor
-offer workload only). The generator prints ``{"mark": "start"}`` and
+Each server under test runs as its own process on 127.0.0.1 (a free port), or in
+cluster mode as its nodes and a redis-server of its own, and is driven by a load
+generator in another process (bench/gen.js, Node.js with ``ws`` which also speaks
+Socket.IO; or bench/gen_py.py, pure Python, for the offer workload on deskpush's
+protocol only). The generator prints ``{"mark": "start"}`` and
 ``{"mark": "end"}`` around the measured window; this harness samples the
-server's and the generator's CPU seconds (/proc/PID/stat) and the server's RSS
-(/proc/PID/status VmRSS, VmHWM) when it reads them. Each figure is the median of
+server's (every node's, and Redis's apart) and the generator's CPU seconds
+(/proc/PID/stat) and the server's RSS (/proc/PID/status VmRSS, VmHWM) when it
+reads them. Each figure is the median of
 the runs with min-max; ratios are taken pair by pair within a run, then summarised
 the same way. Writes the table, the machine and the date to ``--out``.
 """
@@ -51,12 +55,16 @@ FULL = {
     "storm": {"agents": 9000},
     "timeout": {"agents": 2000, "perAgent": 10, "timeout": 2.0},
     "cancel": {"agents": 200, "inflight": 100, "seconds": 3.0, "warmup": 0.5},
+    "failover": {"agents": 6000, "inflight": 50, "warmup": 2.0},
 }
+# The timeout storm's display timeout is shorter here, and the windows too: with the
+# cluster servers the whole smoke run still fits in a minute.
 QUICK = {
-    "offer": {"agents": 6, "inflight": 3, "seconds": 1.0, "warmup": 0.3},
+    "offer": {"agents": 6, "inflight": 3, "seconds": 0.6, "warmup": 0.2},
     "storm": {"agents": 400},
-    "timeout": {"agents": 100, "perAgent": 10, "timeout": 2.0},
-    "cancel": {"agents": 6, "inflight": 3, "seconds": 1.0, "warmup": 0.3},
+    "timeout": {"agents": 100, "perAgent": 10, "timeout": 0.5},
+    "cancel": {"agents": 6, "inflight": 3, "seconds": 0.6, "warmup": 0.2},
+    "failover": {"agents": 60, "inflight": 6, "warmup": 0.5},
 }
 BURST = 200  # at most this many agents connecting at once
 WORKLOADS = list(FULL)
@@ -72,11 +80,19 @@ class Server:
     default: bool = True  # in the default --servers
     log_level: str = "INFO"
     metrics: bool = True  # deskpush's server.metrics
+    nodes: int = 0  # cluster mode: this many deskpush nodes on one redis-server started for the run
+    balancer: bool = False  # the nodes behind HAProxy: server/localcluster.py's LocalCluster
 
 
 SERVERS = [
     Server("deskpush", "deskpush", "raw", ("offer", "storm", "timeout", "cancel")),
     Server("deskpush-progress", "deskpush +progress", "raw", ("offer",), progress=True),
+    # Cluster mode (docs/cluster.md), the same config plus --redis: agent i on node i % nodes,
+    # the integrator on the last node, so half the agents' offers cross nodes with two.
+    Server("deskpush-cluster-1", "deskpush 1 node + Redis", "raw", ("offer", "timeout"), nodes=1),
+    Server("deskpush-cluster-2", "deskpush 2 nodes + Redis", "raw", ("offer", "timeout"), nodes=2),
+    # The failover workload only: kill -9 of the last of three nodes behind HAProxy (make cluster's).
+    Server("deskpush-cluster-3", "deskpush 3 nodes + Redis", "raw", ("failover",), nodes=3, balancer=True),
     Server("floor", "floor", "raw", ("offer", "storm", "timeout", "cancel")),
     Server("socketio", "Socket.IO (Node)", "sio", ("offer", "storm", "timeout", "cancel")),
     Server("pysio", "python-socketio", "sio", ("offer", "storm", "timeout", "cancel")),
@@ -91,14 +107,22 @@ SERVERS = [
 BY_NAME = {s.name: s for s in SERVERS}
 DEFAULT_SERVERS = ",".join(s.name for s in SERVERS if s.default)
 PEERS = ["floor", "socketio", "pysio"]  # deskpush's ratio is taken to each
+CLUSTERS = [s.name for s in SERVERS if s.nodes]
+C1, C2, C3 = CLUSTERS  # named in the targets below
 
-# (workload, key, label, target) ; the key names a figure computed by figures()
+# (workload, key, label, target) ; the key names a figure computed by figures(). A target maps
+# who to (op, bound): a peer's name (deskpush ÷ that peer), "abs" (deskpush's own figure), or a
+# pair (subject, peer or "abs") for a server other than deskpush. "server" in a label is the
+# deskpush process, or in cluster mode all its nodes together; Redis is counted on its own.
 METRICS = [
-    ("offer", "rate", "offer: outcomes/s", {"floor": (">=", 0.8), "socketio": (">=", 1.0), "pysio": (">=", 4.0)}),
+    ("offer", "rate", "offer: outcomes/s", {"floor": (">=", 0.8), "socketio": (">=", 1.0), "pysio": (">=", 4.0),
+                                            (C1, "deskpush"): (">=", 0.35)}),
     ("offer", "p50", "offer: p50 ms", None),
     ("offer", "p99", "offer: p99 ms", {"floor": ("<=", 1.5)}),
     ("offer", "cpu_us", "offer: server CPU µs/outcome", None),
+    ("offer", "redis_us", "offer: Redis CPU µs/outcome", None),
     ("offer", "cpu_pct", "offer: server CPU % of a core", None),
+    ("offer", "redis_pct", "offer: Redis CPU % of a core", None),
     ("offer", "hwm_mib", "offer: server peak RSS MiB", None),
     ("offer", "gen_pct", "offer: generator CPU % of a core", None),
     ("storm", "seconds", "storm: s until all welcomed", {"floor": ("<=", 1.2), "abs": ("<", 4.0)}),
@@ -107,15 +131,26 @@ METRICS = [
     ("storm", "overflows", "storm: listen queue overflows", None),
     ("storm", "gen_pct", "storm: generator CPU % of a core", None),
     ("timeout", "p50", "timeout: lateness p50 ms", None),
-    ("timeout", "p99", "timeout: lateness p99 ms", {"abs": ("<=", 50.0)}),
+    ("timeout", "p99", "timeout: lateness p99 ms", {"abs": ("<=", 50.0), (C1, "abs"): ("<=", 100.0),
+                                                    (C2, "abs"): ("<=", 100.0)}),
     ("timeout", "max", "timeout: lateness max ms", {"abs": ("<=", 200.0)}),
     ("timeout", "cpu_s", "timeout: server CPU s", None),
+    ("timeout", "redis_s", "timeout: Redis CPU s", None),
     ("timeout", "gen_pct", "timeout: generator CPU % of a core", None),
     ("cancel", "rate", "cancel: cancels/s", None),
     ("cancel", "p50", "cancel: cancel->resolved p50 ms", None),
     ("cancel", "p99", "cancel: cancel->resolved p99 ms", None),
     ("cancel", "cpu_us", "cancel: server CPU µs/cancel", None),
     ("cancel", "gen_pct", "cancel: generator CPU % of a core", None),
+    ("failover", "seconds", "failover: s from kill -9 until all its agents offered again", {(C3, "abs"): ("<=", 5.0)}),
+    ("failover", "welcomed", "failover: s from kill -9 until all its agents welcomed again", None),
+    ("failover", "p50", "failover: per agent, s until offered again, p50", None),
+    ("failover", "connect_p50", "failover: per agent, s from reconnecting to welcome, p50", None),
+    ("failover", "retries", "failover: reconnect attempts refused", None),
+    ("failover", "cpu_s", "failover: server CPU s", None),
+    ("failover", "redis_s", "failover: Redis CPU s", None),
+    ("failover", "balancer_s", "failover: HAProxy CPU s", None),
+    ("failover", "gen_pct", "failover: generator CPU % of a core", None),
 ]
 
 
@@ -202,6 +237,25 @@ def proc_sample(pid: int) -> dict[str, float]:
     return out
 
 
+def sample(pids: dict[str, int]) -> dict:
+    """Every process of a server at one moment: its figures summed over the server's own processes
+    (cpu, VmRSS, VmHWM; the nodes in cluster mode) and Redis's CPU on its own ("redis_cpu")."""
+    out: dict = {"t": time.monotonic(), "cpu": 0.0, "VmRSS": 0.0, "VmHWM": 0.0}
+    for role, pid in pids.items():
+        try:
+            got = proc_sample(pid)
+        except (OSError, IndexError):  # gone: the node the failover workload killed, already reaped
+            continue
+        if role == "redis":
+            out["redis_cpu"] = got["cpu"]
+        elif role == "balancer":
+            out["balancer_cpu"] = got["cpu"]
+        else:
+            for key in ("cpu", "VmRSS", "VmHWM"):
+                out[key] += got.get(key, 0.0)
+    return out
+
+
 def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen queue was full (whole machine)."""
     try:
@@ -214,7 +268,7 @@ def listen_overflows() -> int:
     return 0
 
 
-def deskpush_config(path: Path, workload: str, metrics: bool = True) -> None:
+def deskpush_config(path: Path, workload: str, metrics: bool = True, timeout: float = 2.0) -> None:
     display_limit = 10 if workload == "timeout" else 1
     path.write_text(f"""\
 # Written by bench/run.py. Every feature stays on; only limits a benchmark would trip are raised.
@@ -240,80 +294,240 @@ key = "{API_KEY}"
 [[templates]]
 name = "bench_timeout"
 title = "New chat request"
-timeout = 2.0
+timeout = {timeout}
 fields = [{{ header = "Customer", value = "{{customerName}}" }},
           {{ header = "Queue", value = "{{queueName}}" }},
           {{ header = "Comment", value = "{{comment}}" }}]
 """)
 
 
-class Running:
-    """A server under test, started on a free port; stop() ends it."""
-
-    def __init__(self, server: Server, workload: str, tmp: Path, profile: Path | None = None) -> None:
-        self.port = free_port()
-        self.log = tmp / f"{server.name}-{workload}.log"
-        env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
-        py = sys.executable
-        if server.name.startswith("deskpush") or server.name == "baseline":
-            cfg = tmp / f"{server.name}-{workload}.toml"
-            deskpush_config(cfg, workload, server.metrics)
-            args = ["serve", "--config", str(cfg), "--port", str(self.port), "--log-level", server.log_level]
-            if server.name == "baseline":
-                assert BASELINE is not None
-                cmd = [py, "-c", BASELINE_BOOT, str(BASELINE.path), BASELINE.module, *args]
-            else:
-                cmd = [py, "-m", "deskpush.server", *args]
-        elif server.name == "floor":
-            cmd = [py, str(BENCH / "peers" / "floor.py"), "--port", str(self.port)]
-        elif server.name == "socketio":
-            cmd = ["node", str(BENCH / "peers" / "socketio_server.js"), str(self.port)]
-        else:
-            cmd = [py, str(BENCH / "peers" / "pysio_server.py"), "--port", str(self.port)]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{server.name} exited with {self.proc.returncode}:\n{self.tail()}")
+def start_redis(tmp: Path, name: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server of the run's own: a free port, a temporary directory, AOF on (fsync every second,
+    Redis's default), as tests/conftest.py starts one and as production should run it."""
+    exe = shutil.which("redis-server") or "/usr/sbin/redis-server"
+    if not Path(exe).exists():
+        raise BenchError("the cluster servers need redis-server (Debian's redis-server; make test installs it)")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-redis-", dir=tmp))
+    for _ in range(5):
+        port = free_port()
+        with open(workdir / "redis.log", "wb") as out:
+            proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                                     "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return proc, port
             except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise BenchError(f"{server.name} did not listen within 30 s:\n{self.tail()}")
                 time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()  # the port was taken meanwhile: another one
+    raise BenchError(f"redis-server did not start:\n{(workdir / 'redis.log').read_text(errors='replace')[-2000:]}")
+
+
+def ready(port: int) -> bool:
+    """GET /readyz answers 200: a cluster node has joined and takes sessions."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+            c.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return c.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class Running:
+    """A server under test, started on free ports; stop() ends it.
+
+    One process, or in cluster mode a redis-server and ``server.nodes`` deskpush
+    nodes on it. ``pids`` names what is sampled: the server's processes (the
+    nodes) and "redis".
+    """
+
+    def __init__(self, server: Server, workload: str, tmp: Path, profile: Path | None = None,
+                 timeout: float = 2.0) -> None:
+        self.name = server.name
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []  # (role, process, log)
+        self.spies: list[subprocess.Popen] = []
+        self.redis: subprocess.Popen | None = None
+        env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_API_KEY": API_KEY, "BENCH_TIMEOUT": str(timeout),
+               "PYTHONUNBUFFERED": "1"}
+        py = sys.executable
+        try:
+            if server.nodes:
+                self.redis, redis_port = start_redis(tmp, f"{server.name}-{workload}")
+            self.ports = [free_port() for _ in range(max(1, server.nodes))]
+            cfg = tmp / f"{server.name}-{workload}.toml"
+            if server.name.startswith("deskpush") or server.name == "baseline":
+                deskpush_config(cfg, workload, server.metrics, timeout)  # every node the same
+            for k, port in enumerate(self.ports):
+                role = f"node{k}" if server.nodes else "server"
+                log = tmp / (f"{server.name}-{workload}" + (f"-{role}" if server.nodes else "") + ".log")
+                if server.name.startswith("deskpush") or server.name == "baseline":
+                    args = ["serve", "--config", str(cfg), "--port", str(port), "--log-level", server.log_level]
+                    if server.nodes:
+                        args += ["--redis", f"redis://127.0.0.1:{redis_port}/0"]
+                    if server.name == "baseline":
+                        assert BASELINE is not None
+                        cmd = [py, "-c", BASELINE_BOOT, str(BASELINE.path), BASELINE.module, *args]
+                    else:
+                        cmd = [py, "-m", "deskpush.server", *args]
+                elif server.name == "floor":
+                    cmd = [py, str(BENCH / "peers" / "floor.py"), "--port", str(port)]
+                elif server.name == "socketio":
+                    cmd = ["node", str(BENCH / "peers" / "socketio_server.js"), str(port)]
+                else:
+                    cmd = [py, str(BENCH / "peers" / "pysio_server.py"), "--port", str(port)]
+                with open(log, "wb") as out:
+                    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+                self.procs.append((role, proc, log))
+            # Nodes join the cluster in parallel; each is waited for until /readyz says 200.
+            deadline = time.monotonic() + 30
+            for (role, proc, _), port in zip(self.procs, self.ports):
+                while True:
+                    if proc.poll() is not None:
+                        raise BenchError(f"{server.name} {role} exited with {proc.returncode}:\n{self.tail()}")
+                    if server.nodes:
+                        up = ready(port)
+                    else:
+                        try:
+                            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                            up = True
+                        except OSError:
+                            up = False
+                    if up:
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{server.name} {role} was not ready within 30 s:\n{self.tail()}")
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.port = self.ports[0]
+        self.pids = {role: proc.pid for role, proc, _ in self.procs}
+        if self.redis is not None:
+            self.pids["redis"] = self.redis.pid
         time.sleep(0.3)  # let it settle before the idle sample
-        self.idle = proc_sample(self.pid)
-        self.spy = None
+        self.idle = sample(self.pids)
         if profile is not None and server.name != "socketio":
             # Collapsed stacks ("raw"), one line per stack with its sample count; written when the server exits.
             profile.mkdir(parents=True, exist_ok=True)
-            out = profile / f"{server.name}-{workload}.txt"
-            self.spy = subprocess.Popen([py_spy(), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
-                                         "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for role, proc, _ in self.procs:
+                out = profile / (f"{server.name}-{workload}" + (f"-{role}" if server.nodes else "") + ".txt")
+                self.spies.append(subprocess.Popen(
+                    [py_spy(), "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "250",
+                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
 
     def tail(self) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-        except OSError:
-            return ""
+        out = []
+        for role, _, log in self.procs:
+            try:
+                lines = log.read_text(errors="replace").splitlines()[-15:]
+            except OSError:
+                continue
+            out += ([f"--- {role}"] if len(self.procs) > 1 else []) + lines
+        return "\n".join(out)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 2 s: everything is measured by now, and a server that drains
-        9,000 closing connections gracefully would only make the run longer."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        9,000 closing connections gracefully would only make the run longer. Redis goes last."""
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in self.procs:
             try:
-                self.proc.wait(2)
+                proc.wait(2)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.spy is not None:
-            self.spy.wait(30)
+                proc.kill()
+                proc.wait()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(10)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+                self.redis.wait()
+        for spy in self.spies:
+            spy.wait(30)
+
+
+class RunningBalanced:
+    """A cluster behind HAProxy, as ``make cluster`` runs one: server/localcluster.py's ``LocalCluster``
+    (redis-server, the nodes, HAProxy checking /readyz), with the bench's config; stop() ends it.
+
+    LocalCluster is asyncio and its children die with the thread that started them, so it runs on an
+    event loop in a thread of its own for as long as the cluster lives.
+    """
+
+    def __init__(self, server: Server, workload: str, tmp: Path, profile: Path | None = None,
+                 timeout: float = 2.0) -> None:
+        import asyncio
+
+        from deskpush.server.localcluster import ClusterError, LocalCluster
+
+        self.name = server.name
+        cfg = tmp / f"{server.name}-{workload}.toml"
+        deskpush_config(cfg, workload, server.metrics, timeout)
+        self.cluster = LocalCluster(server.nodes, config=cfg, log_level=server.log_level,
+                                    workdir=Path(tempfile.mkdtemp(prefix=f"{server.name}-{workload}-", dir=tmp)))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="localcluster", daemon=True)
+        self.thread.start()
+        self.spies: list[subprocess.Popen] = []
+        try:
+            self._call(self.cluster.start(), 120)
+        except ClusterError as exc:
+            self._end_loop()
+            raise BenchError(f"{server.name}: {exc}") from None
+        self.ports = self.cluster.node_ports
+        self.port = self.ports[0]
+        self.balancer_url = f"http://127.0.0.1:{self.cluster.balancer_port}"
+        self.pids = {f"node{i}": self.cluster.node_pid(i) for i in range(server.nodes)}
+        self.pids["redis"] = self.cluster.redis.child.proc.pid
+        self.pids["balancer"] = self.cluster.balancer.child.proc.pid
+        time.sleep(0.3)  # let it settle before the idle sample
+        self.idle = sample(self.pids)
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            for i in range(server.nodes):
+                out = profile / f"{server.name}-{workload}-node{i}.txt"
+                self.spies.append(subprocess.Popen(
+                    [py_spy(), "record", "--pid", str(self.pids[f"node{i}"]), "--format", "raw", "--rate", "250",
+                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def _call(self, coro, timeout: float):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def tail(self) -> str:
+        return "\n".join(f"--- node {i}\n" + "\n".join(self.cluster.node_log(i).splitlines()[-15:])
+                         for i in range(len(self.ports)))
+
+    def stop(self) -> None:
+        """The balancer, then the nodes (SIGINT, SIGKILL after 10 s) and Redis: LocalCluster.close()."""
+        try:
+            self._call(self.cluster.close(), 120)
+        finally:
+            self._end_loop()
+        for spy in self.spies:
+            spy.wait(30)
 
 
 def run_generator(gen: str, params: dict, server: Running, timeout: float) -> tuple[dict, dict, dict]:
@@ -336,7 +550,7 @@ def run_generator(gen: str, params: dict, server: Running, timeout: float) -> tu
         for line in proc.stdout:
             msg = json.loads(line)
             if "mark" in msg:
-                marks[msg["mark"]] = proc_sample(server.pid) | {"overflows": listen_overflows()}
+                marks[msg["mark"]] = sample(server.pids) | {"overflows": listen_overflows()}
                 gmarks[msg["mark"]] = proc_sample(proc.pid)
             elif "result" in msg:
                 result = msg["result"]
@@ -357,6 +571,8 @@ def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -
     """The table's figures for one measured run, and any problems it showed."""
     wall = m["end"]["t"] - m["start"]["t"]
     cpu = m["end"]["cpu"] - m["start"]["cpu"]
+    # Redis's CPU in the window (cluster mode only; None leaves the cell empty).
+    redis = m["end"]["redis_cpu"] - m["start"]["redis_cpu"] if "redis_cpu" in m["start"] else None
     out = {"gen_pct": 100 * (g["end"]["cpu"] - g["start"]["cpu"]) / wall if wall > 0 else 0.0}
     problems = []
     if workload == "offer":
@@ -364,6 +580,8 @@ def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -
         out |= {"rate": r["outcomesPerSec"], "p50": r["latencyMs"]["p50"], "p99": r["latencyMs"]["p99"],
                 "cpu_us": 1e6 * cpu / n if n else float("nan"), "cpu_pct": 100 * cpu / wall,
                 "hwm_mib": m["end"]["VmHWM"] / 1024, "outcomes": n}
+        if redis is not None:
+            out |= {"redis_us": 1e6 * redis / n if n else float("nan"), "redis_pct": 100 * redis / wall}
         if r["errors"] or not n:
             problems.append(f"{r['errors']} offers did not end with Accept, {n} did")
     elif workload == "storm":
@@ -385,7 +603,20 @@ def figures(workload: str, r: dict, m: dict, g: dict, idle: dict, agents: int) -
                 "cpu_us": 1e6 * cpu / n if n else float("nan")}
         if r["other"] or not n:
             problems.append(f"{r['other']} offers did not end with Cancel, {n} did")
-    return {k: v if k == "overflows" or v is None else float(v) for k, v in out.items()}, problems
+    elif workload == "failover":
+        out |= {"seconds": r["seconds"], "welcomed": r["welcomedSeconds"], "p50": r["perAgent"]["p50"],
+                "connect_p50": r["connecting"]["p50"],
+                "retries": r["retries"], "cpu_s": cpu}
+        if r["recovered"] != r["victims"]:
+            problems.append(f"only {r['recovered']} of the killed node's {r['victims']} agents were offered again")
+        bad = {k: v for k, v in r["outcomes"].items() if k != "Accept/Accept"}
+        if bad or r["unanswered"]:
+            problems.append(f"offers that did not end with Accept: {bad}, {r['unanswered']} without a result")
+    if redis is not None and workload != "offer":
+        out["redis_s"] = redis
+    if "balancer_cpu" in m["start"]:
+        out["balancer_s"] = m["end"]["balancer_cpu"] - m["start"]["balancer_cpu"]
+    return {k: v if k in ("overflows", "retries") or v is None else float(v) for k, v in out.items()}, problems
 
 
 # ---------------------------------------------------------------------------
@@ -426,23 +657,31 @@ def ratios(results: list[dict], workload: str, key: str, peer: str, base: str = 
 
 
 def verdict(results: list[dict], workload: str, key: str, target: dict | None, servers: list[str]) -> tuple[str, str]:
-    """The target's text and whether deskpush's median (or median ratio) meets it."""
-    if not target or "deskpush" not in servers:
+    """The targets' text and whether each subject's median (or median ratio) meets them.
+
+    A target's subject is deskpush unless its key is a pair (subject, who); a target whose
+    subject or peer is not in this run is left out.
+    """
+    if not target:
         return "", ""
     texts, checks = [], []
     for who, (op, bound) in target.items():
-        if who != "abs" and who not in servers:
+        subject, who = who if isinstance(who, tuple) else ("deskpush", who)
+        if subject not in servers or (who != "abs" and who not in servers):
             continue
+        # A server other than deskpush is named in the target's text: "1 node + Redis >= 0.35× deskpush".
+        named = "" if subject == "deskpush" else BY_NAME[subject].title.removeprefix("deskpush ") + " "
         if who == "abs":
-            values = [run[(workload, "deskpush")][key] for run in results if (workload, "deskpush") in run]
+            values = [run[(workload, subject)][key] for run in results if (workload, subject) in run]
             got = statistics.median(values) if values else None
-            texts.append(f"{op} {fmt(bound)}")
+            texts.append(f"{named}{op} {fmt(bound)}")
             label = fmt(got)
         else:
-            rs = ratios(results, workload, key, who)
+            rs = ratios(results, workload, key, who, base=subject)
             got = statistics.median(rs) if rs else None
-            texts.append(f"{op} {bound:g}× {BY_NAME[who].title}")
+            texts.append(f"{named}{op} {bound:g}× {BY_NAME[who].title}")
             label = f"{fmt(got)}× {BY_NAME[who].title}"
+        label = f"{named}{label}"
         if got is None:
             checks.append(f"n/a ({label})")
         else:
@@ -453,7 +692,11 @@ def verdict(results: list[dict], workload: str, key: str, target: dict | None, s
 
 def table(results: list[dict], servers: list[str], workloads: list[str]) -> str:
     peers = [p for p in ["baseline", "deskpush-nometrics", *PEERS] if p in servers and "deskpush" in servers]
-    head = ["figure"] + [BY_NAME[s].title for s in servers] + [f"deskpush ÷ {BY_NAME[p].title}" for p in peers]
+    # Each cluster server over the embedded one, where both ran a workload (not the failover's three nodes).
+    clusters = [c for c in CLUSTERS if c in servers and "deskpush" in servers
+                and set(BY_NAME[c].workloads) & set(BY_NAME["deskpush"].workloads)]
+    head = (["figure"] + [BY_NAME[s].title for s in servers] + [f"deskpush ÷ {BY_NAME[p].title}" for p in peers]
+            + [f"{BY_NAME[c].title} ÷ deskpush" for c in clusters])
     # How far the stack itself is from Node: the limit of what any Python server here can reach.
     floor_node = "floor" in servers and "socketio" in servers
     if floor_node:
@@ -465,9 +708,11 @@ def table(results: list[dict], servers: list[str], workloads: list[str]) -> str:
             continue
         row = [label]
         for s in servers:
-            row.append(spread([run[(workload, s)][key] for run in results if (workload, s) in run]))
+            row.append(spread([run[(workload, s)].get(key) for run in results if (workload, s) in run]))
         for p in peers:
             row.append(spread(ratios(results, workload, key, p), "×"))
+        for c in clusters:
+            row.append(spread(ratios(results, workload, key, "deskpush", base=c), "×"))
         if floor_node:
             row.append(spread(ratios(results, workload, key, "socketio", base="floor"), "×"))
         row += list(verdict(results, workload, key, target, servers))
@@ -525,6 +770,25 @@ NOTES = """\
   (`bench/peers/socketio_server.js`, `socket.timeout(ms).emitWithAck()`) and python-socketio on aiohttp + uvloop
   (`bench/peers/pysio_server.py`, `sio.call(..., timeout=...)`) verify the same JWTs and API key. Each runs
   as its own process; no compression anywhere; Socket.IO uses the WebSocket transport only.
+- **Cluster mode** (docs/cluster.md). "1 node + Redis" and "2 nodes + Redis": the same config and command
+  plus `--redis redis://127.0.0.1:PORT/0`, on a `redis-server` the bench starts for each measurement (a free
+  port, a temporary directory, `appendonly yes` with Redis's default fsync every second, nothing else set);
+  each node is waited for until `GET /readyz` answers 200. Agent *i* connects to node *i* mod *n* and the
+  integrator to the last node, so with two nodes half the agents get their offers through the other node.
+  "server" figures are the nodes' together (CPU summed over the nodes, % of one core, so two nodes may pass
+  100); Redis's CPU has rows of its own. The target: 1 node + Redis at least 0.35x the embedded server's
+  outcomes/s in the same run, and timeout storm p99 lateness at most 100 ms.
+- **Failover.** 3 nodes + Redis behind HAProxy, as `make cluster` runs them (`server/localcluster.py`:
+  HAProxy checks `/readyz` every 500 ms, takes a node out after 2 failures, and redispatches a connection a
+  dead node refuses). 6,000 agents, agent *i* connected directly to node *i* mod 3 (so the 2,000 the kill
+  hits are known), the integrator on node 0; offers flow to the agents of nodes 0 and 1 (a closed loop of
+  50, as in the offer round trip) for 2 s, then the generator sends SIGKILL to node 2 and starts its
+  clock. Each of node 2's agents, when its connection drops, connects again through HAProxy, at most 200
+  connecting at once as in the storm, retrying as there; once it is welcomed, the integrator sends it a
+  new offer. The figure: seconds from the kill until the last of the 2,000 has that offer on its desktop
+  (target: at most 5 s); also until the last is welcomed, the median per agent, and the median time from
+  starting to reconnect to the welcome. Every offer must end with Accept, the background's and the new
+  ones. HAProxy's CPU is on its own row, not in the server's.
 - **Frames per offer.** deskpush and the floor: notifyEvent, notification, respond, result, resolved (the
   same frames, the same sizes); `+progress` adds the two status frames. The Socket.IO peers: notify,
   notification, ack, ack (the agent learns the outcome from its own ack, so no resolved), i.e. one
@@ -541,7 +805,8 @@ NOTES = """\
   client's `connect`, i.e. handshake and authenticated namespace connect). RSS per agent: (peak RSS -
   idle RSS) / 9,000. Listen queue overflows: the kernel's TcpExt ListenOverflows over the storm (whole
   machine); each one is a client waiting 1 s or more to retransmit.
-- **Timeout storm.** 2,000 agents, 20,000 notifyEvents sent at once (10 per agent), 2 s display timeout,
+- **Timeout storm.** 2,000 agents, 20,000 notifyEvents sent at once (10 per agent), 2 s display timeout
+  (0.5 s with `--quick`, every server's),
   nobody answers. Lateness: when the integrator receives the Timeout/DisplayTimeout result minus the
   `expiresAt` (epoch ms) of that notification as its agent received it (matched by correlationId), both on
   the machine's wall clock.
@@ -583,6 +848,10 @@ The code says why it is shaped as it is; what was measured to choose lives here,
   against the engine before it, in-process, pinned to one core: 200 agents x 100,000 accepted
   offers 0.84x the time, 20,000 display timeouts 0.87x, a cancel-heavy mix 0.86x (medians of 11
   alternating runs); under callgrind, 6 to 8% fewer instructions in each.
+- **A cluster node's clock** (`server/cluster.py`, `RedisClock`): while every batch read from the
+  log set it back to its last entry's time, the node's clock lagged Redis's by the log's delivery time
+  and every deadline fired that late: timeout storm p99 lateness 213 ms on 1 node + Redis (`--quick`,
+  2026-11-30); moved back only when the node's own Tick reached Redis early, 26 ms.
 - **Unmasking in Python** (`server/connection.py`): websockets' C helper is not public API, so
   deskpush XORs the payload as one integer: about 0.5 to 0.9 µs for a 60 to 250-byte message,
   against 0.1 to 0.25 µs in C (2026-11-29).
@@ -626,6 +895,16 @@ def ensure_pysio(need: bool) -> None:
                        check=True, stdout=sys.stderr)
 
 
+def ensure_cluster_tools(servers: list[str]) -> None:
+    """Debian's redis-server for the cluster servers, and haproxy for the one behind a balancer."""
+    need = {"redis-server"} if any(BY_NAME[s].nodes for s in servers) else set()
+    need |= {"haproxy"} if any(BY_NAME[s].balancer for s in servers) else set()
+    missing = [name for name in sorted(need) if not shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin")]
+    if missing:
+        raise BenchError(f"the deskpush-cluster servers need {' and '.join(missing)} (Debian's packages; "
+                         "make cluster-tools installs them); without them leave those servers out of --servers")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny counts and 1 run: a smoke run")
@@ -655,12 +934,14 @@ def main(argv: list[str] | None = None) -> int:
         servers.insert(servers.index("deskpush") + 1 if "deskpush" in servers else 0, "baseline")
         BY_NAME["baseline"] = Server("baseline", f"deskpush {args.baseline}", "raw", tuple(WORKLOADS))
     if args.gen == "python" and (set(workloads) != {"offer"} or any(BY_NAME[s].proto != "raw" for s in servers)):
-        p.error("--gen python covers only --only offer with --servers deskpush,deskpush-progress,floor")
+        p.error("--gen python covers only --only offer on deskpush's protocol (deskpush, deskpush-progress, "
+                "the deskpush-cluster servers, floor)")
 
     try:
         raise_nofile(max(sizes[w].get("agents", 0) for w in workloads) + 200)
         ensure_node(args.gen == "node" or "socketio" in servers)
         ensure_pysio("pysio" in servers)
+        ensure_cluster_tools(servers)
         if args.profile and not py_spy():
             raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
         if args.baseline:
@@ -710,9 +991,16 @@ def run_all(gen: str, sizes: dict, runs: int, workloads: list[str], servers: lis
                         params["progress"] = params["cancelOn"] == "status"
                     t0 = time.monotonic()
                     try:
-                        srv = Running(server, workload, tmp, profile)
+                        kind = RunningBalanced if server.balancer else Running
+                        srv = kind(server, workload, tmp, profile, timeout=sizes["timeout"]["timeout"])
                         try:
-                            params["url"] = f"http://127.0.0.1:{srv.port}"
+                            # Agent i connects to urls[i % len(urls)], the integrator to the last one.
+                            params["url"], params["urls"] = srv.urls[0], srv.urls
+                            if server.balancer:
+                                params["balancer"] = srv.balancer_url
+                            if workload == "failover":
+                                # The generator kills the last node itself: one clock from kill to welcome.
+                                params["killPid"] = srv.pids[f"node{server.nodes - 1}"]
                             r, m, g = run_generator(gen, params, srv, timeout=180)
                         finally:
                             srv.stop()

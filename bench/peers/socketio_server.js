@@ -15,7 +15,8 @@ const { Server } = require("socket.io");
 const port = Number(process.argv[2]);
 const secret = process.env.BENCH_SECRET;
 const apiKey = Buffer.from(process.env.BENCH_API_KEY);
-const TIMEOUTS = { bench_timeout: 2 }; // display timeout by template name; others 120 s
+// Display timeout by template name (bench/run.py sets BENCH_TIMEOUT, as deskpush's bench_timeout); others 120 s.
+const TIMEOUTS = { bench_timeout: Number(process.env.BENCH_TIMEOUT || 2) };
 const TITLE = "New chat request";
 const HEADERS = { customerName: "Customer", queueName: "Queue", comment: "Comment" };
 
