@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import pickle
 from collections.abc import Mapping
 from typing import Union
@@ -63,6 +64,7 @@ __all__ = [
     "decode_event",
     "parse_entry_id",
     "SnapshotError",
+    "BUILD",
 ]
 
 #: A connection anywhere in the cluster: (node id, number on that node).
@@ -162,6 +164,26 @@ class _EntryIds:
     def __call__(self) -> str:
         self.n += 1
         return f"{self.prefix}{self.n:x}"
+
+
+def _fingerprint() -> str:
+    """What identifies the rules this process runs: a hash of the protocol package's sources.
+
+    Replicas agree only if they run the same rules, so a cluster runs one
+    build at a time (docs/cluster.md, "Upgrading"), and a pickled replica
+    is only loaded by the build that wrote it.
+    """
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read())
+    return digest.hexdigest()[:16]
+
+
+#: This build's rules (``_fingerprint``).
+BUILD = _fingerprint()
 
 
 class SnapshotError(Exception):

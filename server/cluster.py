@@ -54,10 +54,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import msgspec
+
 from ..protocol import Ended, Limits
 from ..protocol import frames as f
-from ..protocol.engine import Effect
+from ..protocol.engine import Effect, Snapshot
 from ..protocol.replica import (
+    BUILD,
     AgentMsg,
     AgentOff,
     AgentOn,
@@ -86,7 +89,7 @@ __all__ = ["ClusterError", "ClusterNode", "RedisClock", "ClusterDispatcher", "LI
 log = logging.getLogger("deskpush")
 
 #: Bump with every change to the library: FUNCTION LOAD REPLACE makes the last node started win.
-LIBRARY_VERSION = 2
+LIBRARY_VERSION = 3
 
 LIBRARY = """#!lua name=deskpush
 
@@ -121,14 +124,20 @@ redis.register_function('deskpush_node_down', function(keys, args)
   return 1
 end)
 
--- Keep a snapshot if it is newer than the one kept, and trim the log to the
--- one it replaces (a node a little behind still finds its next entry).
--- KEYS: the snapshot hash, the log. ARGV: position, the snapshot.
+-- Keep a snapshot if it is newer than the one kept (or of the same entry, by
+-- another build: a cluster's first node of a new build converting it), and
+-- trim the log to the one it replaces (a node a little behind still finds
+-- its next entry).
+-- KEYS: the snapshot hash, the log.
+-- ARGV: position, the replica (pickled, signed), the portable state (JSON), build, entry number.
 redis.register_function('deskpush_snapshot', function(keys, args)
   local current = redis.call('HGET', keys[1], 'position')
-  if current and not before(current, args[1]) then return 0 end
-  redis.call('HSET', keys[1], 'position', args[1], 'blob', args[2])
-  if current then
+  if current and not before(current, args[1]) then
+    if current ~= args[1] or redis.call('HGET', keys[1], 'build') == args[4] then return 0 end
+  end
+  redis.call('HSET', keys[1], 'position', args[1], 'blob', args[2], 'portable', args[3], 'build', args[4],
+             'number', args[5])
+  if current and current ~= args[1] then
     redis.call('XTRIM', keys[2], 'MINID', current)
     redis.call('HSET', keys[1], 'trimmed', current)
   end
@@ -286,7 +295,14 @@ class ClusterNode:
                                    f"newer is needed): {exc}") from None
         self.clock = clock = RedisClock(loop)
         await self._measure_clock()
-        await self._load_snapshot()
+        await self._check_builds()
+        if await self._load_snapshot():
+            # Another build's snapshot, converted: write it as this build's, then load whichever
+            # conversion was written first (two new nodes starting together must agree).
+            blob, portable = await self._dump()
+            await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, self.replica.position, blob,
+                              portable, BUILD, self.replica.number)
+            await self._load_snapshot()
         await self._catch_up()
         await self._join()
         if self.replica.rules() != (self.templates, self.limits):
@@ -339,7 +355,28 @@ class ClusterNode:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        try:
+            async with asyncio.timeout(max(5.0, self.redis_timeout)):
+                await self._last_snapshot()
+        except (Exception, asyncio.TimeoutError) as exc:
+            log.warning("cluster: node %s could not write the last snapshot (%r)", self.node_id, exc)
         await self._close_clients()
+
+    async def _last_snapshot(self) -> None:
+        """The last node to leave writes a snapshot of the log's end, so nothing needs the log after it.
+
+        What an upgrade needs (docs/cluster.md): the next build reads only the
+        portable part of a snapshot, so the state must be whole in one.
+        """
+        if not self.started or self.unreachable_since is not None:
+            return
+        others = [m.decode() for m in await self._redis.smembers(self.nodes_key) if m.decode() != self.node_id]
+        if others and await self._redis.exists(*[self._heartbeat_key(n) for n in others]):
+            return
+        self.dispatcher = None  # nothing to write to any more
+        await self._catch_up()
+        await self._write_snapshot()
+        log.info("cluster: node %s was the last: wrote the snapshot at %s", self.node_id, self.replica.position)
 
     async def _close_clients(self) -> None:
         for client in (self._redis, self._reader_redis):
@@ -363,10 +400,15 @@ class ClusterNode:
         assert best is not None
         self.clock.offset = best[1]
 
-    async def _load_snapshot(self) -> None:
-        position, blob = await self._redis.hmget(self.snapshot_key, "position", "blob")
+    async def _load_snapshot(self) -> bool:
+        """Load the newest snapshot; True if it was another build's (then converted: see ``_convert``)."""
+        position, blob, portable, build, number = await self._redis.hmget(
+            self.snapshot_key, "position", "blob", "portable", "build", "number")
         if blob is None:
-            return
+            return False
+        if build is not None and build.decode() != BUILD:
+            self._convert(position.decode(), portable, build.decode(), int(number or 0))
+            return True
         try:
             replica = Replica.load(blob, self._key)
         except SnapshotError as exc:
@@ -374,6 +416,30 @@ class ClusterNode:
             raise ClusterError(f"cluster: {exc}") from None
         self.replica = replica
         log.info("cluster: loaded the snapshot at %s", position.decode())
+        return False
+
+    def _convert(self, position: str, portable: bytes | None, build: str, number: int) -> None:
+        """Start from the portable state of another build's snapshot (an upgrade, docs/cluster.md).
+
+        The pending offers, their deadlines and ids, and the outcome
+        histories come back (as from ``server.stateFile``); sessions do not:
+        the agents get a fresh presence grace to reconnect in.
+        """
+        if portable is None:
+            raise ClusterError(f"cluster: the snapshot was written by another deskpush build ({build}) without "
+                               "its portable state; this build cannot read it")
+        try:
+            snapshot = msgspec.json.decode(portable, type=Snapshot)
+        except msgspec.MsgspecError as exc:
+            raise ClusterError(f"cluster: the portable state of build {build}'s snapshot does not load: {exc}") from None
+        replica = Replica({t.name: t for t in self.templates}, self.limits)
+        assert self.clock is not None
+        replica.engine.restore(snapshot, self.clock.now())
+        replica.position, replica.number = position, number
+        self.replica = replica
+        log.warning("cluster: the snapshot at %s is build %s's; this is build %s: took back %d pending offers and "
+                    "%d kept outcomes from its portable state", position, build, BUILD, len(snapshot.notifications),
+                    sum(len(h.outcomes) for h in snapshot.histories))
 
     async def _catch_up(self) -> None:
         """Apply the log up to its end now (effects only for connections already here).
@@ -393,15 +459,28 @@ class ClusterNode:
             await self._load_snapshot()
         raise ClusterError("cluster: the log keeps moving past this node's snapshot (is the node very slow?)")
 
+    async def _check_builds(self) -> None:
+        """Refuse to join nodes running other rules: replicas agree only if every node runs this build."""
+        nodes = sorted(m.decode() for m in await self._redis.smembers(self.nodes_key))
+        if not nodes:
+            return
+        builds = await self._redis.mget([self._heartbeat_key(n) for n in nodes])
+        other = sorted({b.decode() for b in builds if b is not None and b.decode() != BUILD})
+        if other:
+            await self._close_clients()
+            raise ClusterError(f"cluster: nodes of another deskpush build ({', '.join(other)}; this is {BUILD}) are "
+                               "running on this Redis: a cluster runs one build at a time. Stop them first (their "
+                               "state is kept), then start this build's nodes (docs/cluster.md, Upgrading)")
+
     async def _join(self) -> None:
-        await self._redis.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
+        await self._redis.set(self._heartbeat_key(self.node_id), BUILD, px=int(self.node_timeout * 1000))
         await self._redis.sadd(self.nodes_key, self.node_id)
 
     async def _rejoin(self) -> None:
         """Join under the new id (``_resync``), and take the old one out of the node set."""
         old = self._rejoin_from
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
+            pipe.set(self._heartbeat_key(self.node_id), BUILD, px=int(self.node_timeout * 1000))
             pipe.sadd(self.nodes_key, self.node_id)
             if old is not None:
                 pipe.srem(self.nodes_key, old)
@@ -614,7 +693,7 @@ class ClusterNode:
                 # declared down. (Read after, a node joining meanwhile could be taken for a lost one.)
                 seen = self.replica.nodes()
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.set(self._heartbeat_key(self.node_id), b"1", px=int(self.node_timeout * 1000))
+                    pipe.set(self._heartbeat_key(self.node_id), BUILD, px=int(self.node_timeout * 1000))
                     pipe.sadd(self.nodes_key, self.node_id)
                     pipe.smembers(self.nodes_key)
                     _, _, members = await pipe.execute()
@@ -670,14 +749,17 @@ class ClusterNode:
         if not got:
             return
         started = time.perf_counter()
-        position = self.replica.position
-        blob = await self._dump()
-        kept = await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob)
+        position, number = self.replica.position, self.replica.number
+        blob, portable = await self._dump()
+        kept = await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob, portable,
+                                 BUILD, number)
         log.debug("cluster: snapshot at %s, %d bytes in %.1f ms (%s)", position, len(blob),
                   (time.perf_counter() - started) * 1000, "kept" if kept else "older than the one kept")
 
-    async def _dump(self) -> bytes:
-        """The replica as it is now, signed (``Replica.dump``), made in a forked child as Redis makes its saves.
+    async def _dump(self) -> tuple[bytes, bytes]:
+        """The replica as it is now, signed (``Replica.dump``), and its portable state, made in a forked child.
+
+        As Redis makes its saves.
 
         Pickling the whole state takes long with a big history (about 1.5 s
         for 100,000 kept outcomes): on the event loop it would stall every
@@ -687,7 +769,8 @@ class ClusterNode:
         a pipe. Where there is no fork, the loop does it.
         """
         if not hasattr(os, "fork"):
-            return self.replica.dump(self._key)
+            blob = self.replica.dump(self._key)
+            return blob, _portable(Replica.load(blob, self._key))  # a copy: taking it trims histories
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -695,7 +778,8 @@ class ClusterNode:
             status = 1
             try:
                 os.close(read_fd)
-                data = memoryview(self.replica.dump(self._key))
+                blob = self.replica.dump(self._key)
+                data = memoryview(len(blob).to_bytes(8, "big") + blob + _portable(self.replica))
                 while data:
                     data = data[os.write(write_fd, data):]
                 status = 0
@@ -713,15 +797,18 @@ class ClusterNode:
                 await asyncio.sleep(0.001)
         if os.waitstatus_to_exitcode(done[1]) != 0:
             raise RuntimeError(f"the snapshot child failed (exit status {os.waitstatus_to_exitcode(done[1])})")
-        return blob
+        size = int.from_bytes(blob[:8], "big")
+        return blob[8:8 + size], blob[8 + size:]
 
     async def _write_snapshot(self) -> None:
         """Write this replica as the snapshot now, lease or not (kept if newer than the one in Redis)."""
         import redis.asyncio as aioredis
 
         try:
-            position = self.replica.position
-            await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, await self._dump())
+            position, number = self.replica.position, self.replica.number
+            blob, portable = await self._dump()
+            await self._fcall("deskpush_snapshot", 2, self.snapshot_key, self.log_key, position, blob, portable,
+                              BUILD, number)
         except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             self._unreachable(exc)
             self._rewrite = True  # the next batch tries again
@@ -817,6 +904,15 @@ class ClusterNode:
         """This node's side of the cluster, for ``/stats`` and ``/metrics``."""
         return {"clusterRedisUp": int(self.started and self.unreachable_since is None),
                 "clusterBuffered": len(self._outbox), "clusterApplied": self.replica.applied}
+
+
+def _portable(replica: Replica) -> bytes:
+    """The replica's pending offers and histories in the state file's format, which every build reads.
+
+    Only in a copy of the replica (the forked child's): taking it trims
+    the histories, which a live replica must do only when the log says so.
+    """
+    return msgspec.json.encode(replica.engine.snapshot(replica.now))
 
 
 def _shown(url: str) -> str:

@@ -380,3 +380,47 @@ async def test_a_stalled_event_loop_does_not_make_later_timeouts_late(redis_url,
         assert late < stall * 1000 / 2, f"the timeout fired {late:.0f} ms after expiresAt"
     finally:
         await a.close()
+
+
+async def test_an_upgrade_keeps_the_offers_and_refuses_mixed_builds(redis_url, prefix, monkeypatch):
+    """A new build's nodes take over the state of the old build's, once the old ones are stopped.
+
+    Replicas agree only if they run the same rules, so a node of another build refuses to join
+    while the old build's nodes run; once they have stopped (the last writes a snapshot of the
+    log's end), the new build starts from the snapshot's portable state, as from a state file.
+    """
+    import deskpush.server.cluster as cluster_module
+
+    config = cluster_config(redis_url, prefix)
+    old = node(config)
+    await old.start()
+    agent, _ = await agent_on(old)
+    ig, _, resumed = await integrator_on(old)
+    await send_json(ig, {"type": "notifyEvent", "requestId": "r1", "agentId": "agent-7", "input": CHAT,
+                         "progress": False})
+    card = await until(agent, "notification")
+    await send_json(ig, {"type": "notifyEvent", "requestId": "r2", "agentId": "agent-7", "input": CHAT,
+                         "progress": False})
+    await send_json(ig, {"type": "cancelEvent", "requestId": "c1", "cancellationToken": "nope"})
+    await until(ig, "error")
+
+    monkeypatch.setattr(cluster_module, "BUILD", "0123456789abcdef")  # what the next release computes
+    new = node(config)
+    with pytest.raises(ClusterError, match="nodes of another deskpush build"):
+        await new.start()
+
+    await old.close()  # the last node of the old build: a snapshot of the log's end
+    new = node(config)
+    await new.start()
+    try:
+        agent2, welcome = await agent_on(new)
+        assert welcome["displayed"] == [card["notificationId"]]
+        assert (await until(agent2, "notification"))["expiresAt"] == card["expiresAt"]
+        ig2, replay, resumed2 = await integrator_on(new, resumed["lastOutcomeId"])
+        assert resumed2["complete"] is True
+        await send_json(agent2, {"type": "respond", "notificationId": card["notificationId"], "action": "Accept"})
+        result = await until(ig2, "result")
+        assert result["requestId"] == "r1" and result["value"]["actionName"] == "Accept"
+        assert (await until(agent2, "notification"))["notificationId"] != card["notificationId"]  # r2, queued
+    finally:
+        await new.close()
