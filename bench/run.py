@@ -23,6 +23,7 @@ the same way. Writes the table, the machine and the date to ``--out``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -40,6 +41,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deskpush.server.localcluster import RedisServer
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -301,32 +306,18 @@ fields = [{{ header = "Customer", value = "{{customerName}}" }},
 """)
 
 
-def start_redis(tmp: Path, name: str) -> tuple[subprocess.Popen, int]:
+def start_redis(tmp: Path, name: str) -> RedisServer:
     """A redis-server of the run's own: a free port, a temporary directory, AOF on (fsync every second,
-    Redis's default), as tests/conftest.py starts one and as production should run it."""
-    exe = shutil.which("redis-server") or "/usr/sbin/redis-server"
-    if not Path(exe).exists():
-        raise BenchError("the cluster servers need redis-server (Debian's redis-server; make test installs it)")
-    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-redis-", dir=tmp))
-    for _ in range(5):
-        port = free_port()
-        with open(workdir / "redis.log", "wb") as out:
-            proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                                     "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        return proc, port
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()  # the port was taken meanwhile: another one
-    raise BenchError(f"redis-server did not start:\n{(workdir / 'redis.log').read_text(errors='replace')[-2000:]}")
+    Redis's default), as the tests and `make cluster` start one and as production should run it."""
+    from deskpush.server.localcluster import ClusterError, RedisServer
+
+    redis = RedisServer(Path(tempfile.mkdtemp(prefix=f"{name}-redis-", dir=tmp)))
+    try:
+        asyncio.run(redis.start())
+    except (ClusterError, OSError) as exc:
+        raise BenchError(f"the cluster servers need redis-server (Debian's redis-server; make test installs "
+                         f"it): {exc}") from None
+    return redis
 
 
 def ready(port: int) -> bool:
@@ -352,13 +343,14 @@ class Running:
         self.name = server.name
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []  # (role, process, log)
         self.spies: list[subprocess.Popen] = []
-        self.redis: subprocess.Popen | None = None
+        self.redis: RedisServer | None = None
         env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_API_KEY": API_KEY, "BENCH_TIMEOUT": str(timeout),
                "PYTHONUNBUFFERED": "1"}
         py = sys.executable
         try:
             if server.nodes:
-                self.redis, redis_port = start_redis(tmp, f"{server.name}-{workload}")
+                self.redis = start_redis(tmp, f"{server.name}-{workload}")
+                redis_port = self.redis.port
             self.ports = [free_port() for _ in range(max(1, server.nodes))]
             cfg = tmp / f"{server.name}-{workload}.toml"
             if server.name.startswith("deskpush") or server.name == "baseline":
@@ -448,13 +440,8 @@ class Running:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            try:
-                self.redis.wait(10)
-            except subprocess.TimeoutExpired:
-                self.redis.kill()
-                self.redis.wait()
+        if self.redis is not None:
+            asyncio.run(self.redis.stop())
         for spy in self.spies:
             spy.wait(30)
 

@@ -276,6 +276,10 @@ class RedisServer:
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
                 "--daemonize", "no", "--logfile", ""]
 
+    @property
+    def pid(self) -> int | None:
+        return self.child.proc.pid if self.child.proc is not None else None
+
     async def start(self, timeout: float = 30.0) -> None:
         """Start it (again) and wait until it has loaded its data and answers PING."""
         self.port = await self.child.start_on_free_port(self.argv, _redis_ping, timeout, self.port)

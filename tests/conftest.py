@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -39,33 +36,14 @@ def make_config(**limits: Any) -> Config:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``redis-server`` for the session, on a free port, AOF on, in a temporary directory."""
-    workdir = tmp_path_factory.mktemp("redis")
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen(
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
-             "--dir", str(workdir), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            break
-    else:  # pragma: no cover
-        raise RuntimeError("redis-server did not start (make test installs it: Debian's redis-server)")
+    from deskpush.server.localcluster import RedisServer
+
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    asyncio.run(redis.start())  # its own short loop: the tests' loops are per test
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield redis.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        asyncio.run(redis.stop())
 
 
 class Cluster:
