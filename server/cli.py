@@ -610,7 +610,7 @@ def _load(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
-def _port(text: str) -> int:
+def port_arg(text: str) -> int:
     """A port as ``server.port`` takes it: 0 (the system picks one) to 65535."""
     try:
         port = int(text)
@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE",
                    help="TOML config file (default: $DESKPUSH_CONFIG, else the embedded defaults)")
     s.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
-    s.add_argument("--port", type=_port, help="listen port, 0 to 65535; 0 picks a free one "
+    s.add_argument("--port", type=port_arg, help="listen port, 0 to 65535; 0 picks a free one "
                                               "(default: server.port, 8765)")
     s.add_argument("--agent", default="agent-1", type=_agent_id, metavar="ID",
                    help="agent id of the token printed at start (default: agent-1)")

@@ -697,14 +697,10 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 to 65535 (0 picks a free one)")
-    return int(text)
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``local-cluster`` to ``deskpush``'s subcommands (``cli.build_parser``)."""
+    from .cli import port_arg  # cli imports this module in build_parser: not at the top
+
     p = subparsers.add_parser(
         "local-cluster", help="run Redis, several nodes and HAProxy on this machine (cluster mode)",
         description="Run cluster mode on this machine until Ctrl-C or SIGTERM: a redis-server (AOF on, in a "
@@ -712,7 +708,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "of them, checking GET /readyz every 500 ms. Needs Debian's redis-server and haproxy "
                     "(make cluster-tools). For development and tests, not production.")
     p.add_argument("--nodes", type=_count, default=3, metavar="N", help="how many nodes, 0 to 64; 0 runs Redis and the balancer alone (default: 3)")
-    p.add_argument("--port", type=_port, default=8765,
+    p.add_argument("--port", type=port_arg, default=8765,
                    help="the balancer's port, 0 to 65535; 0 picks a free one (default: 8765)")
     p.add_argument("--config", metavar="FILE",
                    help="TOML config file every node reads (default: $DESKPUSH_CONFIG, else the embedded "
