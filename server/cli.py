@@ -28,7 +28,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import stat
 import sys
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,8 +47,16 @@ from ..client import (
 )
 from ..protocol.frames import Id
 from . import __version__, logs
-from .auth import MIN_SECRET_BYTES
-from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, ephemeral_secret, load, needs_restart
+from .config import (
+    API_KEY_ENV,
+    JWT_SECRET_ENV,
+    Config,
+    ConfigError,
+    ephemeral_secret,
+    load,
+    needs_restart,
+    read_dev_secrets,
+)
 
 __all__ = ["main"]
 
@@ -334,43 +341,11 @@ def _path_shown(path: str) -> str:
 
 
 def _dev_secrets(path: str) -> dict[str, str]:
-    """The development secret and integrator key kept in ``path``, made there the first time.
-
-    A convenience for ``make serve``: one secret and one key per checkout, so
-    a restart keeps open desktop tabs signed in and printed links working.
-    The file is ``NAME=value`` lines (``set -a; . FILE`` loads it into a
-    shell, for ``deskpush token``), created readable by its owner only; a file
-    others may read is refused, since its key lets anyone offer notifications.
-    """
+    """``config.read_dev_secrets``, its refusal as ``deskpush serve``'s one line and exit status."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise SystemExit(f"deskpush: cannot create {path}: {exc.strerror}") from None
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write("# deskpush development secrets, made by `deskpush serve --dev-secrets` (make serve).\n"
-                    "# For this checkout only; delete the file for new ones. Never use these in production.\n"
-                    f"{JWT_SECRET_ENV}={ephemeral_secret()}\n{API_KEY_ENV}={ephemeral_secret()}\n")
-    try:
-        mode = os.stat(path).st_mode
-        text = open(path, encoding="utf-8").read()
-    except OSError as exc:
-        raise SystemExit(f"deskpush: cannot read {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SystemExit(f"deskpush: {path} may be read by others (mode {stat.S_IMODE(mode):04o}): "
-                         f"chmod 600 it, or delete it for new development secrets")
-    values = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.strip() in (JWT_SECRET_ENV, API_KEY_ENV) and value.strip():
-            values[name.strip()] = value.strip()
-    for name, value in values.items():
-        if len(value.encode()) < MIN_SECRET_BYTES:
-            raise SystemExit(f"deskpush: {path}: {name} is {len(value.encode())} bytes; use at least "
-                             f"{MIN_SECRET_BYTES}, or delete the file for new development secrets")
-    return values
+        return read_dev_secrets(path)
+    except ConfigError as exc:
+        raise SystemExit(f"deskpush: {exc}") from None
 
 
 def _tune_gc() -> None:

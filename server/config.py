@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import Annotated
 
@@ -227,6 +228,50 @@ def _long_enough(secret: str, what: str, where: str = "") -> str:
         raise ConfigError(f"{what} is {n} bytes; use at least {MIN_SECRET_BYTES} "
                           f"(e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'){where}")
     return secret
+
+
+def read_dev_secrets(path: str) -> dict[str, str]:
+    """The development secret and integrator key kept in ``path``, made there the first time.
+
+    A convenience for ``make serve`` and ``make cluster`` (``--dev-secrets``):
+    one secret and one key per checkout, so a restart keeps open desktop tabs
+    signed in and printed links working. The file is ``NAME=value`` lines
+    (``set -a; . FILE`` loads it into a shell, for ``deskpush token``),
+    created readable by its owner only; a file others may read is refused,
+    since its key lets anyone offer notifications.
+
+    Raises:
+        ConfigError: the file cannot be made or read, others may read it, or a value is too short.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write("# deskpush development secrets, made by `deskpush serve --dev-secrets` (make serve).\n"
+                    "# For this checkout only; delete the file for new ones. Never use these in production.\n"
+                    f"{JWT_SECRET_ENV}={ephemeral_secret()}\n{API_KEY_ENV}={ephemeral_secret()}\n")
+    try:
+        mode = os.stat(path).st_mode
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path} may be read by others (mode {stat.S_IMODE(mode):04o}): "
+                          f"chmod 600 it, or delete it for new development secrets")
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() in (JWT_SECRET_ENV, API_KEY_ENV) and value.strip():
+            values[name.strip()] = value.strip()
+    for name, value in values.items():
+        if len(value.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{path}: {name} is {len(value.encode())} bytes; use at least "
+                              f"{MIN_SECRET_BYTES}, or delete the file for new development secrets")
+    return values
 
 
 def default() -> Config:

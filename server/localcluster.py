@@ -39,7 +39,6 @@ import shlex
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,16 @@ from typing import Any
 
 from . import __version__
 from .auth import AgentTokens
-from .config import API_KEY_ENV, JWT_SECRET_ENV, Config, ConfigError, default, ephemeral_secret, load
+from .config import (
+    API_KEY_ENV,
+    JWT_SECRET_ENV,
+    Config,
+    ConfigError,
+    default,
+    ephemeral_secret,
+    load,
+    read_dev_secrets,
+)
 
 __all__ = ["LocalCluster", "ClusterError", "RedisServer", "Balancer", "Node", "free_port", "http_status",
            "read_dev_secrets", "banner", "add_parser", "cmd_local_cluster", "main"]
@@ -418,37 +426,6 @@ class Node:
 
     def log(self) -> str:
         return self.child.log()
-
-
-def read_dev_secrets(path: str) -> dict[str, str]:
-    """The token secret and integrator key kept in ``path`` (``deskpush serve --dev-secrets``'s file), made if missing.
-
-    Same format and rules as ``serve``'s: ``NAME=value`` lines, owner-only,
-    so ``make serve`` and ``make cluster`` share one secret and key.
-    """
-    try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write("# deskpush development secrets, made by `deskpush serve --dev-secrets` (make serve).\n"
-                        "# For this checkout only; delete the file for new ones. Never use these in production.\n"
-                        f"{JWT_SECRET_ENV}={ephemeral_secret()}\n{API_KEY_ENV}={ephemeral_secret()}\n")
-        mode = os.stat(path).st_mode
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read or create {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path} may be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it, "
-                          "or delete it for new development secrets")
-    values = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.strip() in (JWT_SECRET_ENV, API_KEY_ENV) and value.strip():
-            values[name.strip()] = value.strip()
-    return values
 
 
 class LocalCluster:
