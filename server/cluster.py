@@ -245,7 +245,7 @@ class ClusterNode:
         self._rewrite = False  # the log went back: write this replica as the snapshot
         self._rejoin_from: str | None = None  # the id this node went by before its last resync, until it rejoined
         self._closed = False
-        #: Loop time since when Redis has not answered, or None.
+        #: ``time.monotonic()`` since when Redis has not answered, or None.
         self.unreachable_since: float | None = None
         # No node is declared down before this (monotonic): after a start or a
         # Redis outage every node needs a heartbeat's time to refresh its key,
@@ -634,7 +634,7 @@ class ClusterNode:
         handles = self._handles
         out: list[Effect] = []
         gap = False
-        last_ms = 0
+        last_id = ""
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             number = int(fields[b"n"])
@@ -666,9 +666,9 @@ class ClusterNode:
                 if not mine:
                     local = [e for e in local if type(e) is not Ended]
                 out.extend(local)
-            last_ms = parse_entry_id(entry_id)[0]
-        if self.clock is not None and last_ms:
-            self.clock.at_least(last_ms)
+            last_id = entry_id
+        if self.clock is not None and last_id:
+            self.clock.at_least(parse_entry_id(last_id)[0])  # the batch's newest entry: once, not per entry
         if self.dispatcher is not None:
             self.dispatcher.apply(out)
         if self._rewrite and self.started:
