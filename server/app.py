@@ -452,8 +452,9 @@ class DeskpushServer:
         if endpoint:
             if self._draining:
                 return draining()
-            if self.cluster is not None and self.cluster.not_ready() is not None:
-                return draining()  # Redis away: the client should try another node, or later
+            unready = self.cluster.not_ready() if self.cluster is not None else None
+            if unready is not None:
+                return draining(unready)  # Redis away: the client should try another node, or later
             if len(self._pending) > self.config.server.max_pending_handshakes:
                 return self._too_busy()
             refused = self._refuse_origin(conn, request, path)

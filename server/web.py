@@ -99,9 +99,10 @@ def plain(status: HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) 
     return response(status, text.encode(), "text/plain; charset=utf-8", extra)
 
 
-def draining() -> Response:
-    """503 for a WebSocket handshake while the server drains: the client should connect again (elsewhere)."""
-    return plain(HTTPStatus.SERVICE_UNAVAILABLE, "server restarting, connect again\n", [("Retry-After", "1")])
+def draining(why: str = "server restarting") -> Response:
+    """503 for a WebSocket handshake while the server drains (or, in cluster mode, cannot reach Redis):
+    the client should connect again (elsewhere)."""
+    return plain(HTTPStatus.SERVICE_UNAVAILABLE, f"{why}, connect again\n", [("Retry-After", "1")])
 
 
 def unauthorized() -> Response:
