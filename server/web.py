@@ -25,7 +25,7 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from ..protocol.vocabulary import ErrorMessage
+from ..protocol.vocabulary import CLOSE_SERVICE_RESTART, ErrorMessage
 
 __all__ = ["Site", "response", "plain", "draining", "unauthorized", "CSP", "SECURITY_HEADERS", "SDK_FILES", "SDK_HEADERS"]
 
@@ -99,7 +99,7 @@ def plain(status: HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) 
     return response(status, text.encode(), "text/plain; charset=utf-8", extra)
 
 
-def draining(why: str = "server restarting") -> Response:
+def draining(why: str = CLOSE_SERVICE_RESTART.reason) -> Response:
     """503 for a WebSocket handshake while the server drains (or, in cluster mode, cannot reach Redis):
     the client should connect again (elsewhere)."""
     return plain(HTTPStatus.SERVICE_UNAVAILABLE, f"{why}, connect again\n", [("Retry-After", "1")])
